@@ -1,0 +1,356 @@
+"""Typed run configuration: nested kw_only dataclasses, YAML in and out, dotted overrides.
+
+A run is described by one `Config`. It is built from plain dicts (YAML) by `from_dict`, which
+rejects unknown keys and wrong types with a message naming the key and the valid choices, so a
+typo never silently falls back to a default. `to_dict` gives the resolved config that every run
+directory stores next to its outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem in a configuration (bad key, wrong type, impossible value)."""
+
+
+# ----------------------------------------------------------------------------- model / MoE
+
+
+@dataclass(kw_only=True)
+class RouterConfig:
+    """Token-choice family (ROUTERS.md §2-5); later routers add their own fields here."""
+
+    name: str = "topk"  # registry name, see moedit.moe.routers
+    gate: str = "linear"  # linear | mlp | cross_attn
+    gate_hidden: int | None = None  # mlp gate width; None = model width
+    gate_heads: int = 1  # cross_attn gate heads
+    score: str = "softmax"  # softmax | sigmoid | identity
+    top_k: int = 2
+    normalize: bool = False  # renormalise the kept k weights to sum to 1
+    scale: float = 1.0  # DeepSeek routed_scaling_factor
+    selection_bias: bool = False  # auxiliary-loss-free balancing bias (selection only)
+    bias_update_rate: float = 1e-3  # gamma in b += gamma * sign(mean_load - load_e)
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    num_experts: int = 8
+    expert_ratio: float = 2.0  # routed expert hidden width = expert_ratio * model width
+    num_shared: int = 0
+    shared_ratio: float | None = None  # shared expert hidden width ratio; None = expert_ratio
+    placement: str = "all"  # all | interleaved (odd blocks MoE, even blocks dense)
+    backend: str = "auto"  # auto | loop | grouped
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    preset: str | None = None  # e.g. "DiT-S/2" or "tiny"; explicit keys override the preset
+    image_size: int = 28
+    in_channels: int = 1
+    patch_size: int = 4
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    num_classes: int = 10
+    class_dropout: float = 0.1  # label -> null class with this probability in training (CFG)
+    pos_embed: str = "sincos"  # sincos | rope
+    qk_norm: bool = False
+    ffn: str = "mlp"  # mlp (GELU-tanh, DiT) | swiglu; used by dense FFNs and experts alike
+    mlp_ratio: float = 4.0  # dense FFN hidden width = mlp_ratio * width
+    moe: MoEConfig | None = None  # None = dense model
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    name: str = "rectified_flow"  # rectified_flow | ddpm
+    t_sampling: str = "logit_normal"  # uniform | logit_normal (rectified flow)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    t_shift: float = 1.0  # SD3-style time shift; 1 = none
+    ddpm_steps: int = 1000
+    beta_schedule: str = "linear"  # linear | cosine
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    sampler: str = "euler"  # euler | heun (flow); ddpm | ddim (ddpm)
+    steps: int = 50
+    cfg_scale: float = 1.0  # 1 = no guidance
+    cfg_interval: list[float] | None = None  # [t_lo, t_hi]: guide only for t in this interval
+    per_class: int = 8  # grid columns: samples per class row
+    use_ema: bool = True
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- data / training
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    name: str = "mnist"  # mnist | fashion_mnist | folder | npz | synthetic
+    path: str | None = None  # folder / npz location; optional override for the others
+    split: str = "train"
+    image_size: int | None = None  # resize (folder data); None = native size
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    out_dir: str = "runs/default"
+    steps: int = 1000
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.999
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # CPU intra-op threads; None = torch default
+    log_every: int = 25
+    sample_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 500  # 0 = only at the end
+    keep_last: int = 3
+    tensorboard: bool = False
+    # weight of every auxiliary loss the routers emit, summed in one place by the trainer
+    aux_weights: dict[str, float] = field(default_factory=lambda: {"balance": 0.01, "z": 0.0})
+
+
+@dataclass(kw_only=True)
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here (expected {_type_name(tp)})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")  # a bug in moedit, not the user
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {where + '.' if where else ''}{unknown[0]}; "
+            f"valid keys here: {', '.join(names)}"
+        )
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> Config:
+    """Build a validated Config from a plain dict (missing keys take their defaults)."""
+    from moedit.models.presets import resolve_model_preset
+
+    data = dict(data or {})
+    if isinstance(data.get("model"), dict):
+        data["model"] = resolve_model_preset(data["model"])
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/quickstart.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict, creating levels."""
+    data = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value, e.g. train.lr=3e-4")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        if isinstance(value, str) and _looks_numeric(value):
+            value = float(value)  # YAML 1.1 reads 3e-4 as a string
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    data = load_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+# ----------------------------------------------------------------------------- semantic checks
+
+
+def _choice(value: str, valid: tuple[str, ...], key: str) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one field or a range; each names the key and the fix."""
+    m = cfg.model
+    if m.image_size % m.patch_size != 0:
+        raise ConfigError(
+            f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}; "
+            f"pick a patch size that divides it (e.g. {_divisors(m.image_size)})"
+        )
+    if m.width % m.heads != 0:
+        raise ConfigError(f"model.width={m.width} must be divisible by model.heads={m.heads}")
+    if m.pos_embed == "rope" and (m.width // m.heads) % 4 != 0:
+        raise ConfigError("model.pos_embed=rope needs a head width (width/heads) divisible by 4")
+    _choice(m.pos_embed, ("sincos", "rope"), "model.pos_embed")
+    _choice(m.ffn, ("mlp", "swiglu"), "model.ffn")
+    if not 0.0 <= m.class_dropout < 1.0:
+        raise ConfigError("model.class_dropout must be in [0, 1)")
+    if m.moe is not None:
+        _validate_moe(m.moe)
+    o = cfg.objective
+    _choice(o.name, ("rectified_flow", "ddpm"), "objective.name")
+    _choice(o.t_sampling, ("uniform", "logit_normal"), "objective.t_sampling")
+    _choice(o.beta_schedule, ("linear", "cosine"), "objective.beta_schedule")
+    s = cfg.sample
+    valid_samplers = ("euler", "heun") if o.name == "rectified_flow" else ("ddpm", "ddim")
+    if s.sampler not in valid_samplers:
+        raise ConfigError(
+            f"sample.sampler={s.sampler!r} does not fit objective.name={o.name!r}; "
+            f"choose one of: {', '.join(valid_samplers)}"
+        )
+    if s.cfg_interval is not None and len(s.cfg_interval) != 2:
+        raise ConfigError("sample.cfg_interval must be [t_lo, t_hi] or null")
+    t = cfg.train
+    _choice(t.precision, ("auto", "fp32", "bf16"), "train.precision")
+    for key in ("steps", "batch_size", "grad_accum", "keep_last"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be at least 1")
+    if len(t.betas) != 2:
+        raise ConfigError("train.betas must be a list of two numbers, e.g. [0.9, 0.999]")
+    _choice(cfg.data.name, ("mnist", "fashion_mnist", "folder", "npz", "synthetic"), "data.name")
+
+
+def _validate_moe(moe: MoEConfig) -> None:
+    from moedit.moe.routers import ROUTERS
+
+    _choice(moe.placement, ("all", "interleaved"), "model.moe.placement")
+    _choice(moe.backend, ("auto", "loop", "grouped"), "model.moe.backend")
+    _choice(moe.router.name, tuple(ROUTERS), "model.moe.router.name")
+    r = moe.router
+    _choice(r.gate, ("linear", "mlp", "cross_attn"), "model.moe.router.gate")
+    _choice(r.score, ("softmax", "sigmoid", "identity"), "model.moe.router.score")
+    if moe.num_experts < 1:
+        raise ConfigError("model.moe.num_experts must be at least 1")
+    if not 1 <= r.top_k <= moe.num_experts:
+        raise ConfigError(
+            f"model.moe.router.top_k={r.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}"
+        )
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 16)

@@ -1,0 +1,106 @@
+"""The in-memory dataset every loader returns, and the pixel convention shared by all of moedit.
+
+Images are stored as uint8 (0..255) in NCHW layout; a batch is handed to the model as float32 in
+[-1, 1] via x = u / 127.5 - 1, and generated images come back with the exact inverse
+u = round(clamp((x + 1) * 127.5, 0, 255)), so uint8 -> batch -> to_uint8 is lossless.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class DatasetError(ValueError):
+    """A user-fixable data problem (missing dataset, bad file); the message names the fix."""
+
+
+@dataclass
+class ImageDataset:
+    images_NCHW: torch.Tensor  # uint8, 0..255
+    labels_N: torch.Tensor  # int64, 0..num_classes-1
+    num_classes: int
+    class_names: list[str]
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.images_NCHW.dtype != torch.uint8 or self.images_NCHW.ndim != 4:
+            raise ValueError(
+                f"images_NCHW must be a 4-D uint8 tensor, got {tuple(self.images_NCHW.shape)} {self.images_NCHW.dtype}"
+            )
+        if self.labels_N.dtype != torch.int64 or self.labels_N.shape != (self.images_NCHW.shape[0],):
+            raise ValueError(
+                f"labels_N must be int64 of shape ({self.images_NCHW.shape[0]},), "
+                f"got {tuple(self.labels_N.shape)} {self.labels_N.dtype}"
+            )
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if len(self.labels_N) and (int(self.labels_N.min()) < 0 or int(self.labels_N.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {self.labels_N.min()}..{self.labels_N.max()}")
+
+    @property
+    def image_size(self) -> int:
+        """Side length; loaders only produce square images (H == W)."""
+        return int(self.images_NCHW.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images_NCHW.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.images_NCHW.shape[0])
+
+    def batch(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_BCHW float32 in [-1, 1], y_B int64) for the given sample indices."""
+        idx_B = torch.as_tensor(indices, dtype=torch.long)
+        x_BCHW = self.images_NCHW[idx_B].to(torch.float32) / 127.5 - 1.0
+        return x_BCHW, self.labels_N[idx_B]
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset(name={self.name!r}, n={len(self)}, channels={self.channels}, "
+            f"size={tuple(self.images_NCHW.shape[2:])}, num_classes={self.num_classes})"
+        )
+
+
+def to_uint8(x_BCHW: torch.Tensor) -> torch.Tensor:
+    """Inverse of ImageDataset.batch: [-1, 1] float -> uint8 (clamped, rounded to nearest)."""
+    if x_BCHW.dtype == torch.uint8:
+        return x_BCHW
+    u = (x_BCHW.detach().to(torch.float32) + 1.0) * 127.5
+    return u.clamp(0.0, 255.0).round().to(torch.uint8)
+
+
+def make_dataset(
+    images_NCHW: np.ndarray, labels_N: np.ndarray, class_names: list[str], name: str
+) -> ImageDataset:
+    """Wrap numpy arrays (uint8 images, integer labels) without copying where possible."""
+    return ImageDataset(
+        images_NCHW=torch.from_numpy(np.ascontiguousarray(images_NCHW, dtype=np.uint8)),
+        labels_N=torch.from_numpy(np.ascontiguousarray(labels_N, dtype=np.int64)),
+        num_classes=len(class_names),
+        class_names=list(class_names),
+        name=name,
+    )
+
+
+def atomic_write(path: str | os.PathLike, write_fn) -> Path:
+    """Call write_fn(tmp_path) then os.replace onto `path`, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

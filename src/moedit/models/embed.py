@@ -1,0 +1,90 @@
+"""Embeddings of the DiT backbone (arXiv 2212.09748 §3.2) and 2-D rotary positions.
+
+- Timestep: sinusoidal features of 1000·t (DiT's integer-step scale, so t ∈ [0, 1] spans the same
+  frequencies) followed by a two-layer SiLU MLP.
+- Label: a table with one extra row, the null class (index = num_classes), used for classifier-free
+  guidance; in training each label is replaced by the null class with probability `dropout`.
+- Absolute positions: fixed 2-D sin-cos (half the channels encode the row, half the column).
+- RoPE 2-D: the head dimension is split in two halves rotated by row and by column position
+  (as in the EfficientMoE recipe, arXiv 2512.01252, and FiT/Lumina), applied to q and k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def timestep_features(t_B: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs_F = torch.exp(-math.log(max_period) * torch.arange(half, device=t_B.device, dtype=torch.float32) / half)
+    args_BF = (1000.0 * t_B.float())[:, None] * freqs_F[None]
+    return torch.cat([torch.cos(args_BF), torch.sin(args_BF)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t_B: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_features(t_B, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    def __init__(self, num_classes: int, width: int, dropout: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout = dropout
+        self.embedding_table = nn.Embedding(num_classes + 1, width)  # last row: the null class
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def drop(self, y_B: torch.Tensor) -> torch.Tensor:
+        """Replace labels by the null class at random (training only) for classifier-free guidance."""
+        if not self.training or self.dropout == 0.0:
+            return y_B
+        drop_B = torch.rand(y_B.shape, device=y_B.device) < self.dropout
+        return torch.where(drop_B, torch.full_like(y_B, self.null_label), y_B)
+
+    def forward(self, y_B: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y_B)
+
+
+def sincos_2d(width: int, grid: int) -> torch.Tensor:
+    """Fixed (grid², width) table: first half of the channels encodes rows, second half columns."""
+    coords = torch.arange(grid, dtype=torch.float64)
+    row_L, col_L = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(pos_L: torch.Tensor, dim: int) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+        angles = pos_L.reshape(-1, 1) * omega[None]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    return torch.cat([encode(row_L, width // 2), encode(col_L, width // 2)], dim=1).float()
+
+
+class Rope2D(nn.Module):
+    """Rotary embedding over a grid×grid token layout; rotates pairs (x[2j], x[2j+1])."""
+
+    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0):
+        super().__init__()
+        quarter = head_dim // 4
+        freqs_Q = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+        coords = torch.arange(grid, dtype=torch.float64)
+        row_L, col_L = [c.reshape(-1) for c in torch.meshgrid(coords, coords, indexing="ij")]
+        angles_LP = torch.cat([row_L[:, None] * freqs_Q, col_L[:, None] * freqs_Q], dim=1)  # P = head_dim/2
+        self.register_buffer("cos_LP", torch.cos(angles_LP).float(), persistent=False)
+        self.register_buffer("sin_LP", torch.sin(angles_LP).float(), persistent=False)
+
+    def forward(self, x_BHLd: torch.Tensor) -> torch.Tensor:
+        x_pairs = x_BHLd.float().unflatten(-1, (-1, 2))
+        a, b = x_pairs[..., 0], x_pairs[..., 1]
+        cos, sin = self.cos_LP, self.sin_LP
+        rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+        return rotated.flatten(-2).to(x_BHLd.dtype)

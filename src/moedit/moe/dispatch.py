@@ -1,0 +1,80 @@
+"""Execute any `Routing` through stacked experts: y_i = Σ_{(i,e,w)} w · Expert_e(x_i).
+
+Backends (interchangeable; tests check they agree in forward and gradients):
+- `loop`    : sort assignments by expert, run each non-empty expert on its slice with plain matmuls.
+              The reference path, and the faster one on CPU (grouped_mm loops internally there).
+- `grouped` : same sort, then one `F.grouped_mm` per matrix with int32 cumulative offsets; on
+              sm90/sm100 GPUs with bf16 this is a single fused kernel per matrix.
+- `auto`    : `grouped` on CUDA, `loop` on CPU (measured: benchmarks/dispatch_cpu.py).
+Both combine with a weighted `index_add_`, so a token with no assignment gets exactly zero here and
+keeps only its residual path. Weights are applied in float32 before casting back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moedit.moe.experts import StackedExperts
+from moedit.moe.routing import Routing
+
+BACKENDS = ("auto", "loop", "grouped")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"MoE backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    return "grouped" if device.type == "cuda" else "loop"
+
+
+def _compute_dtype(x_ND: torch.Tensor) -> torch.dtype:
+    # grouped_mm is not on autocast's op list, so follow autocast by hand: experts run in the
+    # autocast dtype (bf16 on CUDA) like every other matmul of the model.
+    if torch.is_autocast_enabled(x_ND.device.type):
+        return torch.get_autocast_dtype(x_ND.device.type)
+    return x_ND.dtype
+
+
+def _sort_by_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    order_M = torch.argsort(routing.expert_M, stable=True)
+    counts_E = torch.bincount(routing.expert_M, minlength=routing.num_experts)
+    return routing.token_M[order_M], routing.expert_M[order_M], routing.weight_M[order_M], counts_E
+
+
+def _combine(y_MD: torch.Tensor, token_M: torch.Tensor, weight_M: torch.Tensor, x_ND: torch.Tensor) -> torch.Tensor:
+    weighted_MD = (y_MD.float() * weight_M.float()[:, None]).to(x_ND.dtype)
+    out_ND = torch.zeros_like(x_ND)
+    return out_ND.index_add_(0, token_M, weighted_MD)
+
+
+def dispatch_loop(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
+    token_M, _, weight_M, counts_E = _sort_by_expert(routing)
+    xc_ND = x_ND.to(_compute_dtype(x_ND))
+    chunks, start = [], 0
+    for e, count in enumerate(counts_E.tolist()):
+        if count:
+            chunks.append(experts.forward_expert(e, xc_ND[token_M[start : start + count]]))
+        start += count
+    if not chunks:
+        return torch.zeros_like(x_ND)
+    return _combine(torch.cat(chunks), token_M, weight_M, x_ND)
+
+
+def dispatch_grouped(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
+    if routing.token_M.numel() == 0:
+        return torch.zeros_like(x_ND)
+    token_M, expert_M, weight_M, counts_E = _sort_by_expert(routing)
+    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    xc_MD = x_ND.to(_compute_dtype(x_ND))[token_M]
+    y_MD = experts.forward_grouped(xc_MD, expert_M, offs_E)
+    return _combine(y_MD, token_M, weight_M, x_ND)
+
+
+_IMPLS = {"loop": dispatch_loop, "grouped": dispatch_grouped}
+
+
+def dispatch(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts, backend: str = "auto") -> torch.Tensor:
+    if routing.num_tokens != x_ND.shape[0]:
+        raise ValueError(f"routing covers {routing.num_tokens} tokens but x has {x_ND.shape[0]}")
+    return _IMPLS[resolve_backend(backend, x_ND.device)](x_ND, routing, experts)

@@ -1,0 +1,88 @@
+"""Gate networks that turn tokens into expert scores S ∈ R^{N×E} (ROUTERS.md §2).
+
+- linear    : S = x W
+- mlp       : S = W2 · GELU(W1 x), hidden width D by default
+- cross_attn: the token attends over its sample's conditioning tokens (timestep and class
+              embeddings); S = W · [x ; attended]. [choice] arXiv 2605.19378 names this gate without
+              its exact form: one multi-head attention read-out, concatenated with x, then linear.
+Gates always compute in float32, with autocast switched off: router logits in bf16 lose the small
+differences that decide top-k, and tiny router updates vanish in bf16 (the "bf16 trap").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moedit.config import RouterConfig
+from moedit.moe.routing import RoutingContext
+
+
+class LinearGate(nn.Module):
+    def __init__(self, width: int, num_experts: int, cfg: RouterConfig):
+        super().__init__()
+        self.proj = nn.Linear(width, num_experts, bias=False)
+
+    def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        return self.proj(x_ND)
+
+
+class MLPGate(nn.Module):
+    def __init__(self, width: int, num_experts: int, cfg: RouterConfig):
+        super().__init__()
+        hidden = cfg.gate_hidden or width
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, num_experts, bias=False)
+
+    def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x_ND)))
+
+
+class CrossAttnGate(nn.Module):
+    def __init__(self, width: int, num_experts: int, cfg: RouterConfig):
+        super().__init__()
+        if width % cfg.gate_heads != 0:
+            raise ValueError(f"router.gate_heads={cfg.gate_heads} must divide the model width {width}")
+        self.heads = cfg.gate_heads
+        self.q = nn.Linear(width, width, bias=False)
+        self.kv = nn.Linear(width, 2 * width, bias=False)
+        self.proj = nn.Linear(2 * width, num_experts, bias=False)
+
+    def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        if ctx.cond_BSD is None:
+            raise ValueError("the cross_attn gate needs conditioning tokens in RoutingContext.cond_BSD")
+        B, L, h = ctx.batch, ctx.seq_len, self.heads
+        q_BhLd = self.q(x_ND).view(B, L, h, -1).transpose(1, 2)
+        k_BSD, v_BSD = self.kv(ctx.cond_BSD.float()).chunk(2, dim=-1)
+        k_BhSd = k_BSD.unflatten(-1, (h, -1)).transpose(1, 2)
+        v_BhSd = v_BSD.unflatten(-1, (h, -1)).transpose(1, 2)
+        read_BhLd = F.scaled_dot_product_attention(q_BhLd, k_BhSd, v_BhSd)
+        read_ND = read_BhLd.transpose(1, 2).reshape(B * L, -1)
+        return self.proj(torch.cat([x_ND, read_ND], dim=-1))
+
+
+GATES = {"linear": LinearGate, "mlp": MLPGate, "cross_attn": CrossAttnGate}
+
+
+class Gate(nn.Module):
+    """Wraps a gate so it always runs in float32 outside autocast."""
+
+    def __init__(self, width: int, num_experts: int, cfg: RouterConfig):
+        super().__init__()
+        self.net = GATES[cfg.gate](width, num_experts, cfg)
+
+    def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        with torch.autocast(x_ND.device.type, enabled=False):
+            return self.net(x_ND.float(), ctx)
+
+
+def score(logits_NE: torch.Tensor, kind: str) -> torch.Tensor:
+    """Score function over experts (ROUTERS.md §3)."""
+    if kind == "softmax":
+        return torch.softmax(logits_NE, dim=-1)
+    if kind == "sigmoid":
+        return torch.sigmoid(logits_NE)
+    if kind == "identity":
+        return logits_NE
+    raise ValueError(f"score function {kind!r} is unknown; choose softmax, sigmoid or identity")

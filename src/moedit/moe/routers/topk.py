@@ -1,0 +1,77 @@
+"""Token-choice top-k routing — `topk` (ROUTERS.md §4.1).
+
+Each token i keeps its k highest-scoring experts:
+
+    S = gate(x) ∈ R^{N×E},  s = score(S) ∈ {softmax, sigmoid, identity}
+    K_i = top-k_e (s_ie + b_e),     w_ie = scale · s_ie / (Σ_{f∈K_i} s_if if normalize else 1)
+
+b ∈ R^E is the optional selection-only bias of DeepSeek-V3's auxiliary-loss-free balancing
+(Wang et al., arXiv 2408.15664; DeepSeek-V3, arXiv 2412.19437 §2.1.2): it changes which experts are
+chosen, never the weights. After each optimizer step, with load_e counted over every micro-batch of
+the step (and summed across data-parallel ranks by the caller's `reduce_fn`):
+
+    b_e ← b_e + γ · sign(mean_f load_f − load_e)
+
+Auxiliary losses (unweighted): `balance` (Switch, arXiv 2101.03961) and `z` (ST-MoE, arXiv 2202.08906).
+Train and eval route identically. DiT-MoE (arXiv 2407.11633) is softmax top-2 with balance 0.01;
+the DeepSeek preset is sigmoid + bias + normalize + scale 2.5 with SwiGLU and a shared expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from moedit.config import RouterConfig
+from moedit.moe.gates import Gate, score
+from moedit.moe.losses import router_z_loss, switch_balance
+from moedit.moe.routing import Routing, RoutingContext
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, width: int, num_experts: int, cfg: RouterConfig):
+        super().__init__()
+        self.num_experts, self.cfg = num_experts, cfg
+        self.gate = Gate(width, num_experts, cfg)
+        if cfg.selection_bias:
+            self.register_buffer("bias_E", torch.zeros(num_experts))
+            # assignments counted over the current optimizer step; not saved (zero between steps)
+            self.register_buffer("step_load_E", torch.zeros(num_experts), persistent=False)
+
+    def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> Routing:
+        N, E, k = x_ND.shape[0], self.num_experts, self.cfg.top_k
+        logits_NE = self.gate(x_ND, ctx)
+        scores_NE = score(logits_NE, self.cfg.score)
+        select_NE = scores_NE.detach()
+        if self.cfg.selection_bias:
+            select_NE = select_NE + self.bias_E
+        expert_NK = select_NE.topk(k, dim=-1).indices
+        weight_NK = scores_NE.gather(1, expert_NK)
+        if self.cfg.normalize:
+            weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+        weight_NK = weight_NK * self.cfg.scale
+        expert_M = expert_NK.reshape(-1)
+        load_E = torch.bincount(expert_M, minlength=E)
+        if self.cfg.selection_bias and self.training:
+            self.step_load_E += load_E.to(self.step_load_E.dtype)
+        return Routing(
+            token_M=torch.arange(N, device=x_ND.device).repeat_interleave(k),
+            expert_M=expert_M,
+            weight_M=weight_NK.reshape(-1),
+            num_tokens=N,
+            num_experts=E,
+            aux={"balance": switch_balance(logits_NE, expert_M), "z": router_z_loss(logits_NE)},
+            scores_NE=scores_NE.detach(),
+            stats={"load_E": load_E},
+        )
+
+    @torch.no_grad()
+    def after_optimizer_step(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Auxiliary-loss-free bias update from the loads counted over the step just taken."""
+        if not self.cfg.selection_bias:
+            return
+        load_E = reduce_fn(self.step_load_E.clone()) if reduce_fn is not None else self.step_load_E
+        self.bias_E += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.step_load_E.zero_()

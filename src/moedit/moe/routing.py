@@ -1,0 +1,58 @@
+"""The one routing contract every router returns, and the context a router may read.
+
+A `Routing` is a flat list of M assignments (token i, expert e, weight w) over the N = B·L tokens of
+the local batch, of any length: a token may appear 0..E times (token choice gives exactly k, expert
+choice and race give 0..E). One dispatcher (dispatch.py) executes it:
+
+    y_i = Σ_{(i, e, w)} w · Expert_e(x_i)
+
+Auxiliary losses are returned unweighted, by name; the trainer weights and sums them in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RoutingContext:
+    """What a router may know besides the tokens themselves.
+
+    cond_BSD: the sample's conditioning tokens (timestep and class embeddings), for cross-attention
+    gates; labels_B: the labels after classifier-free dropout (null label = num_classes).
+    """
+
+    batch: int
+    seq_len: int
+    cond_BSD: torch.Tensor | None = None
+    labels_B: torch.Tensor | None = None
+    null_label: int | None = None
+
+
+@dataclass
+class Routing:
+    token_M: torch.Tensor  # int64 token index in [0, N)
+    expert_M: torch.Tensor  # int64 expert index in [0, E)
+    weight_M: torch.Tensor  # combine weight (differentiable), float32
+    num_tokens: int
+    num_experts: int
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted auxiliary losses
+    scores_NE: torch.Tensor | None = None  # raw gate scores, detached, for diagnostics
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached statistics
+
+    def __post_init__(self) -> None:
+        m = self.token_M.shape[0]
+        if self.expert_M.shape != (m,) or self.weight_M.shape != (m,):
+            raise ValueError(
+                f"Routing needs token_M, expert_M and weight_M of one length M; got "
+                f"{tuple(self.token_M.shape)}, {tuple(self.expert_M.shape)}, {tuple(self.weight_M.shape)}"
+            )
+
+    def load_E(self) -> torch.Tensor:
+        """Assignments per expert (int64)."""
+        return torch.bincount(self.expert_M, minlength=self.num_experts)
+
+    def experts_per_token_N(self) -> torch.Tensor:
+        return torch.bincount(self.token_M, minlength=self.num_tokens)
