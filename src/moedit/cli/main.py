@@ -1,0 +1,44 @@
+"""`moedit` entry point: parses the subcommand and turns user-fixable errors into one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moedit.cli import sample as sample_cmd
+from moedit.cli import train as train_cmd
+
+COMMANDS = {"train": train_cmd, "sample": sample_cmd}
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    from moedit.config import ConfigError
+    from moedit.data import DatasetError
+    from moedit.train.checkpoint import CheckpointError
+    from moedit.train.trainer import TrainingError
+
+    return (ConfigError, DatasetError, CheckpointError, TrainingError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moedit", description="Mixture-of-Experts Diffusion Transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args) or 0
+    except user_errors() as exc:
+        print(f"moedit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moedit {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Datasets as in-memory uint8 tensors; `build_dataset(cfg.data)` is the one entry point.
+
+Sources and licences are listed in docs EVAL.md ("Data that works offline"): nothing is downloaded
+at run time. Every loader returns an `ImageDataset`; `ImageDataset.batch` gives model inputs in
+[-1, 1] and `to_uint8` maps samples back.
+"""
+
+from __future__ import annotations
+
+from moedit.config import DataConfig
+from moedit.data.base import DatasetError, ImageDataset, check_split, default_cache_dir, resize_square, to_uint8
+from moedit.data.fashion import load_fashion_mnist
+from moedit.data.folder import load_folder
+from moedit.data.mnist import load_mnist
+from moedit.data.npz import load_npz
+from moedit.data.synthetic import make_synthetic
+
+DATASETS = ("mnist", "fashion_mnist", "folder", "npz", "synthetic")
+
+# synthetic defaults: MNIST-shaped so configs written for MNIST run on it unchanged
+SYNTHETIC_SIZES = {"train": 2048, "test": 512}
+SYNTHETIC_SEEDS = {"train": 0, "test": 1}  # different seeds: test never repeats a train sample
+
+
+def build_dataset(cfg: DataConfig) -> ImageDataset:
+    """Load the dataset a DataConfig names (cfg.path / cfg.image_size as each loader documents)."""
+    name = cfg.name
+    if name == "mnist":
+        return load_mnist(cfg.split, path=cfg.path, image_size=cfg.image_size)
+    if name == "fashion_mnist":
+        return load_fashion_mnist(cfg.split, path=cfg.path, image_size=cfg.image_size)
+    if name == "folder":
+        return load_folder(cfg.path, split=cfg.split, image_size=cfg.image_size)
+    if name == "npz":
+        return load_npz(cfg.path, split=cfg.split, image_size=cfg.image_size)
+    if name == "synthetic":
+        check_split(cfg.split, tuple(SYNTHETIC_SIZES), "synthetic")
+        return make_synthetic(
+            num=SYNTHETIC_SIZES[cfg.split], image_size=cfg.image_size or 28, seed=SYNTHETIC_SEEDS[cfg.split]
+        )
+    raise DatasetError(f"data.name={name!r} is not a dataset; choose one of: {', '.join(DATASETS)}")
+
+
+__all__ = [
+    "DATASETS",
+    "DatasetError",
+    "ImageDataset",
+    "build_dataset",
+    "default_cache_dir",
+    "load_fashion_mnist",
+    "load_folder",
+    "load_mnist",
+    "load_npz",
+    "make_synthetic",
+    "resize_square",
+    "to_uint8",
+]

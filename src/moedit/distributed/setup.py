@@ -1,0 +1,69 @@
+"""Data-parallel set-up under torchrun: one process per device, DDP around the built model.
+
+Launched by plain `python`/`moedit`, nothing here does anything (world size 1). Under
+`torchrun --nproc_per_node=N moedit train ...` each process joins the group (NCCL on CUDA, gloo on
+CPU), trains on its own shard of every step's batches, and rank 0 alone writes the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    info = DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def wrap_data_parallel(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    if not info.enabled:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    # routers may leave some experts without tokens on a step: their parameters get no gradient
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / dist.get_world_size()).item()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

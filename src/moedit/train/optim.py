@@ -1,0 +1,48 @@
+"""AdamW with DiT-style parameter groups and a linear warm-up.
+
+- No weight decay on biases, norm weights, embeddings' tables, RoPE/positions, router biases and
+  any 1-D parameter: decaying them pulls scales and offsets to zero for no regularisation gain.
+- Parameters stay float32 (mixed precision is autocast only), so router and prototype updates are
+  never truncated to bf16 — see ROUTERS.md §7, the bf16 trap.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moedit.config import TrainConfig
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    return param.ndim < 2 or name.endswith(".bias") or "embedding_table" in name or "norm" in name
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_decay(name, param) else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    fused = device.type == "cuda"  # the fused kernel exists only on CUDA
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), fused=fused
+    )
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then constant (DiT trains at a constant rate)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

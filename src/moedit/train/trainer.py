@@ -1,0 +1,211 @@
+"""The training loop. One step reads top to bottom:
+
+    x0, y  = next batch
+    loss   = objective.loss(model, x0, y)                    # diffusion loss, the model knows no diffusion
+    aux    = model.aux_losses()                              # unweighted, by name, from every MoE layer
+    total  = loss + Σ_name train.aux_weights[name] · aux[name]   # the one place aux losses are weighted
+    total.backward(); clip; optimizer.step(); router hooks (aux-free bias); EMA update
+
+Around it: warm-up, gradient accumulation, autocast (bf16 on CUDA, float32 on CPU), DDP under
+torchrun, a progress bar, metrics.jsonl, periodic sample grids and atomic checkpoints with exact resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from moedit.config import Config, ConfigError, save_yaml, to_dict
+from moedit.data import build_dataset
+from moedit.distributed.setup import all_reduce_sum, init_distributed, wrap_data_parallel
+from moedit.generate import save_class_grid
+from moedit.models import build_model
+from moedit.objectives import build_objective
+from moedit.train import checkpoint as ckpt
+from moedit.train.batches import BatchStream
+from moedit.train.ema import EMA
+from moedit.train.metrics import MetricsWriter, routing_metrics
+from moedit.train.optim import build_optimizer, lr_at, set_lr
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to change."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=auto or cpu")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def check_data_fits_model(cfg: Config, dataset) -> None:
+    m = cfg.model
+    if (dataset.channels, dataset.image_size) != (m.in_channels, m.image_size):
+        raise ConfigError(
+            f"data {dataset.name} has {dataset.channels}x{dataset.image_size}x{dataset.image_size} images but the "
+            f"model expects {m.in_channels}x{m.image_size}x{m.image_size}; set model.in_channels="
+            f"{dataset.channels} model.image_size={dataset.image_size} (or data.image_size to resize)"
+        )
+    if dataset.num_classes > m.num_classes:
+        raise ConfigError(f"data {dataset.name} has {dataset.num_classes} classes but model.num_classes="
+                          f"{m.num_classes}; set model.num_classes={dataset.num_classes}")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        tc = cfg.train
+        self.device = resolve_device(tc.device)
+        self.dist = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.amp_dtype = autocast_dtype(tc.precision, self.device)
+        self.run_dir = Path(tc.out_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        latest = self._check_run_dir(resume)
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        self.dataset = build_dataset(cfg.data)
+        check_data_fits_model(cfg, self.dataset)
+        self.model = build_model(cfg.model).to(self.device)
+        self.ema = EMA(self.model, tc.ema_decay)
+        self.optimizer = build_optimizer(self.model, tc, self.device)
+        self.objective = build_objective(cfg.objective)
+        self.batches = BatchStream(self.dataset, tc.batch_size, cfg.seed, tc.grad_accum, self.dist.rank, self.dist.world)
+        self.start_step = self._load(latest) if latest is not None else 0
+        self.ddp_model = wrap_data_parallel(self.model, self.dist, self.device)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(cfg, self.run_dir / "config.yaml")  # only now: the checkpoint and config fit
+        self.metrics = MetricsWriter(self.run_dir, tc.tensorboard, enabled=self.dist.is_main)
+
+    def _check_run_dir(self, resume: bool) -> Path | None:
+        existing = ckpt.list_checkpoints(self.ckpt_root)
+        if existing and not resume:
+            raise TrainingError(
+                f"{self.run_dir} already holds a run (latest checkpoint {existing[-1].name}); pass --resume to "
+                "continue it, or set train.out_dir to a new directory. Nothing was changed."
+            )
+        return existing[-1] if existing else None
+
+    def _load(self, path: Path) -> int:
+        state = ckpt.read_state(path)
+        ckpt.check_model_config(path, state, to_dict(self.cfg.model))
+        ckpt.load_weights(self.model, path, "model.safetensors")
+        ckpt.load_weights(self.ema.model, path, "ema.safetensors")
+        ckpt.load_trainer_state(path, self.optimizer, state)
+        self.ema.updates = state["ema_updates"]
+        return state["step"]
+
+    def save(self, step: int) -> None:
+        if self.dist.is_main:
+            ckpt.save_checkpoint(self.ckpt_root, step, self.model, self.ema.model, self.optimizer,
+                                 to_dict(self.cfg.model), {"ema_updates": self.ema.updates}, self.cfg.train.keep_last)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def weighted_aux(self, aux: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ weight·aux: the single place where auxiliary losses enter the objective."""
+        weights = self.cfg.train.aux_weights
+        unweighted = [name for name in aux if name not in weights]
+        if unweighted:
+            raise ConfigError(f"the router emits auxiliary loss(es) {unweighted} with no weight; set "
+                              + " ".join(f"train.aux_weights.{n}=<w>" for n in unweighted) + " (0 disables)")
+        total = torch.zeros((), device=self.device)
+        for name, value in aux.items():
+            total = total + weights[name] * value.float()
+        return total
+
+    def train_step(self, step: int) -> dict[str, float]:
+        tc = self.cfg.train
+        set_lr(self.optimizer, lr_at(step, tc))
+        logs: dict[str, float] = {}
+        for micro in range(tc.grad_accum):
+            x0_BCHW, y_B = self.batches.get(step, micro)
+            x0_BCHW, y_B = x0_BCHW.to(self.device, non_blocking=True), y_B.to(self.device, non_blocking=True)
+            with self._autocast():
+                loss, _ = self.objective.loss(self.ddp_model, x0_BCHW, y_B)
+                aux = self.model.aux_losses()
+                total = loss.float() + self.weighted_aux(aux)
+            if not torch.isfinite(total):
+                self._fail_non_finite(step, loss, aux)
+            (total / tc.grad_accum).backward()
+            logs["loss"] = logs.get("loss", 0.0) + loss.item() / tc.grad_accum
+            for name, value in aux.items():
+                logs[f"aux/{name}"] = logs.get(f"aux/{name}", 0.0) + value.item() / tc.grad_accum
+        if tc.grad_clip is not None:
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.after_optimizer_step(all_reduce_sum if self.dist.enabled else None)
+        self.ema.update(self.model)
+        return logs
+
+    def _fail_non_finite(self, step: int, loss: torch.Tensor, aux: dict) -> None:
+        latest = ckpt.list_checkpoints(self.ckpt_root)
+        where = f"the last checkpoint {latest[-1]} is intact" if latest else "no checkpoint was written"
+        raise TrainingError(
+            f"loss became non-finite at step {step} (diffusion loss {loss.item()}, aux "
+            f"{ {k: round(v.item(), 4) for k, v in aux.items()} }); {where}. Lower train.lr "
+            f"(now {self.cfg.train.lr}), keep train.grad_clip set, or raise train.warmup_steps, then rerun."
+        )
+
+    def write_samples(self, name: str) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        path = self.run_dir / "samples" / f"{name}.png"
+        save_class_grid(self.ema.model, self.objective, self.cfg.sample, self.cfg.model.num_classes,
+                        self.device, path, amp_dtype=self.amp_dtype)
+        return path
+
+    def train(self) -> dict:
+        tc = self.cfg.train
+        self.model.train()
+        bar = tqdm(range(self.start_step, tc.steps), initial=self.start_step, total=tc.steps, desc="train",
+                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=True)
+        window: dict[str, float] = {}
+        window_n, t0, seen = 0, time.perf_counter(), 0
+        for step in bar:
+            logs = self.train_step(step)
+            seen += tc.batch_size * tc.grad_accum * self.dist.world
+            for key, value in logs.items():
+                window[key] = window.get(key, 0.0) + value
+            window_n += 1
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                avg = {k: v / window_n for k, v in window.items()}
+                elapsed = time.perf_counter() - t0
+                avg.update(lr=lr_at(step, tc), img_per_s=seen / elapsed, elapsed_s=elapsed)
+                avg.update(routing_metrics(self.model))
+                self.metrics.write(done, avg)
+                bar.set_postfix(loss=f"{avg['loss']:.4f}")
+                window, window_n = {}, 0
+            if tc.sample_every and done % tc.sample_every == 0 and done != tc.steps:
+                self.write_samples(f"step_{done:08d}")
+            if tc.ckpt_every and done % tc.ckpt_every == 0 and done != tc.steps:
+                self.save(done)
+        bar.close()
+        wall = time.perf_counter() - t0
+        self.save(tc.steps)
+        grid = self.write_samples("final")
+        self.metrics.close()
+        return {"steps": tc.steps, "start_step": self.start_step, "train_wall_s": wall,
+                "img_per_s": seen / wall if wall > 0 else math.nan, "final_grid": str(grid) if grid else None}
