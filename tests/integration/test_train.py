@@ -1,0 +1,160 @@
+"""Training end to end on tiny models and synthetic data: exact resume, run-directory safety,
+checkpoint validation, NaN handling, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moedit.cli.main import main as cli_main
+from moedit.config import ConfigError, from_dict
+from moedit.train import checkpoint as ckpt
+from moedit.train.trainer import Trainer, TrainingError
+
+torch.set_num_threads(2)
+
+
+def tiny_config(out_dir: Path, **train) -> dict:
+    return {
+        "seed": 3,
+        "model": {
+            "preset": "micro", "image_size": 8, "patch_size": 2, "class_dropout": 0.2,
+            "moe": {"num_experts": 4, "expert_ratio": 1.0, "num_shared": 1,
+                    "router": {"top_k": 2, "selection_bias": True, "bias_update_rate": 0.01}},
+        },
+        "data": {"name": "synthetic", "image_size": 8},
+        "train": {"out_dir": str(out_dir), "steps": 6, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2,
+                  "ckpt_every": 3, "log_every": 2, "ema_decay": 0.9, "grad_accum": 2, **train},
+        "sample": {"steps": 2, "per_class": 1, "cfg_scale": 2.0},
+    }
+
+
+def run_training(data: dict, resume: bool = False) -> Trainer:
+    trainer = Trainer(from_dict(data), resume=resume, progress=False)
+    trainer.train()
+    return trainer
+
+
+def final_tensors(run_dir: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt.list_checkpoints(run_dir / "checkpoints")[-1] / name))
+
+
+def test_resume_is_exact(tmp_path):
+    straight = tmp_path / "straight"
+    run_training(tiny_config(straight))
+    split = tmp_path / "split"
+    run_training(tiny_config(split, steps=3))
+    run_training(tiny_config(split, steps=6), resume=True)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = final_tensors(straight, name), final_tensors(split, name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    # the selection bias moved (it is part of the resumed state) and the runs agree on it
+    bias_keys = [k for k in final_tensors(straight) if k.endswith("bias_E")]
+    assert bias_keys and any(final_tensors(straight)[k].abs().sum() > 0 for k in bias_keys)
+
+
+def test_run_directory_contents(tmp_path):
+    run = tmp_path / "run"
+    trainer = run_training(tiny_config(run, keep_last=1))
+    assert (run / "config.yaml").is_file() and (run / "samples" / "final.png").is_file()
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000006"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert {"loss", "aux/balance", "aux/z", "lr", "grad_norm", "img_per_s"} <= rows[-1].keys()
+    assert any(k.startswith("route/maxvio/") for k in rows[-1])
+    assert trainer.model.training  # sampling put the model back in training mode
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    run = tmp_path / "run"
+    run_training(tiny_config(run, steps=3))
+    before = (run / "checkpoints" / "step_00000003" / "model.safetensors").read_bytes()
+    with pytest.raises(TrainingError, match="--resume"):
+        Trainer(from_dict(tiny_config(run, steps=3)), progress=False)
+    assert (run / "checkpoints" / "step_00000003" / "model.safetensors").read_bytes() == before
+
+
+def test_resume_with_other_model_config_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run_training(tiny_config(run, steps=3))
+    other = tiny_config(run, steps=6)
+    other["model"]["moe"]["num_experts"] = 2
+    with pytest.raises(ckpt.CheckpointError, match="model.moe.num_experts"):
+        Trainer(from_dict(other), resume=True, progress=False)
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    run = tmp_path / "run"
+    run_training(tiny_config(run, steps=3))
+    path = run / "checkpoints" / "step_00000003" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt"):
+        Trainer(from_dict(tiny_config(run, steps=6)), resume=True, progress=False)
+
+
+def test_corrupt_checkpoint_of_same_size_is_reported(tmp_path):
+    run = tmp_path / "run"
+    run_training(tiny_config(run, steps=3))
+    path = run / "checkpoints" / "step_00000003" / "ema.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[:8] = b"\xff" * 8  # header length garbage, same file size
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        Trainer(from_dict(tiny_config(run, steps=6)), resume=True, progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    run = tmp_path / "run"
+    run_training(tiny_config(run, steps=3))
+    trainer = Trainer(from_dict(tiny_config(run, steps=6)), resume=True, progress=False)
+    with torch.no_grad():
+        trainer.model.final_layer.linear.weight.fill_(math.nan)
+    with pytest.raises(TrainingError, match="non-finite at step 3.*step_00000003 is intact"):
+        trainer.train()
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000003"]
+
+
+def test_aux_loss_without_weight_is_an_error(tmp_path):
+    data = tiny_config(tmp_path / "run")
+    data["train"]["aux_weights"] = {"balance": 0.01}
+    with pytest.raises(ConfigError, match="train.aux_weights.z"):
+        run_training(data)
+
+
+def test_data_that_does_not_fit_the_model(tmp_path):
+    data = tiny_config(tmp_path / "run")
+    data["data"]["image_size"] = 16
+    with pytest.raises(ConfigError, match="model.image_size=16"):
+        Trainer(from_dict(data), progress=False)
+
+
+def test_cli_train_dry_run_and_sample(tmp_path, capsys):
+    cfg_path = tmp_path / "cfg.yaml"
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(tiny_config(tmp_path / "run", steps=2, ckpt_every=0)))
+    assert cli_main(["train", "-c", str(cfg_path), "--dry-run", "--set", "train.lr=3e-4"]) == 0
+    assert "lr: 0.0003" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    assert cli_main(["train", "-c", str(cfg_path), "--no-progress"]) == 0
+    out = tmp_path / "grid.png"
+    npz = tmp_path / "s.npz"
+    assert cli_main(["sample", "--run", str(tmp_path / "run"), "--out", str(out), "--npz", str(npz),
+                     "--set", "sample.per_class=2"]) == 0
+    import numpy as np
+
+    arrays = np.load(npz)
+    assert arrays["images"].shape == (20, 1, 8, 8) and arrays["images"].dtype == np.uint8
+    assert out.is_file()
+    # user mistakes give one line on stderr and exit code 2
+    assert cli_main(["train", "-c", str(cfg_path), "--set", "model.widht=3"]) == 2
+    assert "unknown config key model.widht" in capsys.readouterr().err
+    assert cli_main(["train", "-c", str(cfg_path), "--no-progress"]) == 2  # run exists
+    assert cli_main(["sample", "--run", str(tmp_path / "nowhere")]) == 2
