@@ -50,16 +50,12 @@ def _combine(y_MD: torch.Tensor, token_M: torch.Tensor, weight_M: torch.Tensor, 
 
 
 def dispatch_loop(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
-    token_M, _, weight_M, counts_E = _sort_by_expert(routing)
-    xc_ND = x_ND.to(_compute_dtype(x_ND))
-    chunks, start = [], 0
-    for e, count in enumerate(counts_E.tolist()):
-        if count:
-            chunks.append(experts.forward_expert(e, xc_ND[token_M[start : start + count]]))
-        start += count
-    if not chunks:
+    if routing.token_M.numel() == 0:
         return torch.zeros_like(x_ND)
-    return _combine(torch.cat(chunks), token_M, weight_M, x_ND)
+    token_M, _, weight_M, counts_E = _sort_by_expert(routing)
+    xc_MD = x_ND.to(_compute_dtype(x_ND))[token_M]
+    y_MD = experts.forward_chunks(xc_MD, counts_E.tolist())
+    return _combine(y_MD, token_M, weight_M, x_ND)
 
 
 def dispatch_grouped(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:

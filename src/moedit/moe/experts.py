@@ -46,14 +46,29 @@ class StackedExperts(nn.Module):
         names = ("w1_EDH", "w2_EHD") + (("wu_EDH",) if self.kind == "swiglu" else ("b1_EH", "b2_ED"))
         return [getattr(self, n).to(dtype) for n in names]
 
+    def per_expert(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+        """Each expert's matrices as views. One unbind per stacked tensor: indexing w[e] per expert
+        instead makes every expert's backward write a full (E, ·, ·) zero gradient (O(E²) traffic)."""
+        return list(zip(*(w.unbind(0) for w in self._weights(dtype))))
+
+    @staticmethod
+    def apply(kind: str, weights: tuple[torch.Tensor, ...], x_TD: torch.Tensor) -> torch.Tensor:
+        """One expert on its T tokens: the reference every other path is checked against."""
+        if kind == "mlp":
+            w1, w2, b1, b2 = weights
+            return torch.addmm(b2, F.gelu(torch.addmm(b1, x_TD, w1), approximate="tanh"), w2)
+        w1, w2, wu = weights
+        return (F.silu(x_TD @ w1) * (x_TD @ wu)) @ w2
+
     def forward_expert(self, e: int, x_TD: torch.Tensor) -> torch.Tensor:
-        """Expert e on its T tokens: the reference every other path is checked against."""
-        if self.kind == "mlp":
-            w1, w2, b1, b2 = self._weights(x_TD.dtype)
-            h_TH = F.gelu(x_TD @ w1[e] + b1[e], approximate="tanh")
-            return h_TH @ w2[e] + b2[e]
-        w1, w2, wu = self._weights(x_TD.dtype)
-        return (F.silu(x_TD @ w1[e]) * (x_TD @ wu[e])) @ w2[e]
+        return self.apply(self.kind, self.per_expert(x_TD.dtype)[e], x_TD)
+
+    def forward_chunks(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows sorted by expert, counts[e] rows for expert e: a plain loop of per-expert matmuls."""
+        weights = self.per_expert(x_MD.dtype)
+        outs = [self.apply(self.kind, weights[e], x_TD)
+                for e, x_TD in enumerate(x_MD.split(counts)) if counts[e] > 0]
+        return torch.cat(outs) if outs else x_MD.new_zeros(0, self.width)
 
     def forward_grouped(self, x_MD: torch.Tensor, expert_M: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         """All experts at once on rows already sorted by expert; offs_E are int32 cumulative ends."""
@@ -67,9 +82,10 @@ class StackedExperts(nn.Module):
 
     def forward_all(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Sum of every expert on every token (shared experts)."""
-        out_ND = self.forward_expert(0, x_ND)
+        weights = self.per_expert(x_ND.dtype)
+        out_ND = self.apply(self.kind, weights[0], x_ND)
         for e in range(1, self.num_experts):
-            out_ND = out_ND + self.forward_expert(e, x_ND)
+            out_ND = out_ND + self.apply(self.kind, weights[e], x_ND)
         return out_ND
 
     def extra_repr(self) -> str:

@@ -1,4 +1,5 @@
-"""Training objectives: each has loss(model_fn, x0_BCHW, y_B) -> (loss, info) and never imports the model."""
+"""Training objectives. Each has `loss(model_fn, x0_BCHW, y_B, generator=None) -> (loss, info)`,
+`interpolate`, `target`, a `prediction_kind` the samplers check, and never imports the model."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from moedit.objectives.rectified_flow import RectifiedFlow
 OBJECTIVES = {"rectified_flow": RectifiedFlow, "ddpm": DDPM}
 
 
-def build_objective(cfg: ObjectiveConfig):
+def build_objective(cfg: ObjectiveConfig) -> RectifiedFlow | DDPM:
     if cfg.name not in OBJECTIVES:
-        raise ValueError(f"objective {cfg.name!r} is unknown; choose one of: {', '.join(OBJECTIVES)}")
+        raise ValueError(f"objective.name={cfg.name!r} is unknown; choose one of: {', '.join(OBJECTIVES)}")
     return OBJECTIVES[cfg.name](cfg)
