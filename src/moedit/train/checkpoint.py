@@ -74,9 +74,13 @@ def save_checkpoint(ckpt_root: Path, step: int, model, ema_model, optimizer, mod
     state = {"step": step, "model_config": model_config, "optimizer": optim_meta, "file_sizes": sizes,
              **(extra or {})}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if final.exists():  # same step saved again (e.g. final == periodic): replace only now
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # same step saved again: keep the old one until the new one is in place
+        old = ckpt_root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -204,7 +204,8 @@ class Trainer:
                 self.save(done)
         bar.close()
         wall = time.perf_counter() - t0
-        self.save(tc.steps)
+        if self.start_step < tc.steps:  # a finished run resumed with nothing to do keeps its checkpoint
+            self.save(tc.steps)
         grid = self.write_samples("final")
         self.metrics.close()
         return {"steps": tc.steps, "start_step": self.start_step, "train_wall_s": wall,

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from moedit.utils.files import atomic_write
 
 
 def _as_uint8_BHWC(x_BCHW: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -49,16 +50,4 @@ def save_grid(
     """Write make_grid(...) as a PNG (grey or RGB); a reader never sees a half-written file."""
     grid_HWC = make_grid(x_BCHW, nrow, pad=pad, pad_value=pad_value)
     image = Image.fromarray(grid_HWC[:, :, 0] if grid_HWC.shape[2] == 1 else grid_HWC)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
