@@ -118,6 +118,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # constant (DiT) | cosine (decays to min_lr_ratio·lr at the last step)
+    min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -332,6 +334,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("sample.cfg_interval must be [t_lo, t_hi] or null")
     t = cfg.train
     _choice(t.precision, ("auto", "fp32", "bf16"), "train.precision")
+    _choice(t.lr_schedule, ("constant", "cosine"), "train.lr_schedule")
     for key in ("steps", "batch_size", "grad_accum", "keep_last"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be at least 1")
