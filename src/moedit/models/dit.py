@@ -39,7 +39,8 @@ class Attention(nn.Module):
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
         B, L, D = x_BLD.shape
         q, k, v = self.qkv(x_BLD).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # each B h L d
-        q, k = self.q_norm(q), self.k_norm(k)
+        # qk-norm in float32 (its weights are float32): a bf16 input would take an unfused mixed path
+        q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
         out_BhLd = F.scaled_dot_product_attention(q, k, v)

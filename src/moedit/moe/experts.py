@@ -18,6 +18,8 @@ from torch import nn
 
 
 class StackedExperts(nn.Module):
+    no_weight_decay = ("b1_EH", "b2_ED")  # stacked biases: 2-D tensors that are still biases
+
     def __init__(self, num_experts: int, width: int, hidden: int, kind: str = "mlp"):
         super().__init__()
         if kind not in ("mlp", "swiglu"):

@@ -16,15 +16,20 @@ from torch import nn
 from moedit.config import TrainConfig
 
 
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    return param.ndim < 2 or name.endswith(".bias") or "embedding_table" in name or "norm" in name
+_NO_DECAY_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.Embedding)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split parameters by their owning module: biases, norms, embedding tables, 1-D tensors and any
+    name a module lists in `no_weight_decay` (e.g. stacked expert biases b1_EH) get no decay."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if _no_decay(name, param) else decay).append(param)
+    for module in model.modules():
+        exempt = set(getattr(module, "no_weight_decay", ()))
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            skip = param.ndim < 2 or name == "bias" or name in exempt or isinstance(module, _NO_DECAY_MODULES)
+            (no_decay if skip else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
