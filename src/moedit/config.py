@@ -27,18 +27,39 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class RouterConfig:
-    """Token-choice family (ROUTERS.md §2-5); later routers add their own fields here."""
+    """Every router's settings (ROUTERS.md §2-5). A field a router does not use is ignored by it.
 
-    name: str = "topk"  # registry name, see moedit.moe.routers
-    gate: str = "linear"  # linear | mlp | cross_attn
+    `gate`, `score` and `threshold_decay` left null take the chosen router's own default (its class's
+    DEFAULTS: e.g. race uses an MLP gate with identity scores), filled in when the config is built so
+    that the run directory's config.yaml shows the values actually used.
+    """
+
+    name: str = "topk"  # registry name: topk | expert_choice | diffmoe | race | promoe
+    gate: str | None = None  # linear | mlp | cross_attn; null = the router's default
     gate_hidden: int | None = None  # mlp gate width; None = model width
     gate_heads: int = 1  # cross_attn gate heads
-    score: str = "softmax"  # softmax | sigmoid | identity
-    top_k: int = 2
+    score: str | None = None  # softmax | sigmoid | identity; null = the router's default
+    top_k: int = 2  # experts per token (topk, promoe); average experts per token (race)
     normalize: bool = False  # renormalise the kept k weights to sum to 1
     scale: float = 1.0  # DeepSeek routed_scaling_factor
     selection_bias: bool = False  # auxiliary-loss-free balancing bias (selection only)
     bias_update_rate: float = 1e-3  # gamma in b += gamma * sign(mean_load - load_e)
+    num_groups: int = 1  # topk: group-limited routing (DeepSeek n_group); 1 = off
+    top_groups: int = 1  # topk: groups kept per token (DeepSeek topk_group)
+    capacity: float | None = None  # expert_choice / diffmoe: C = floor(capacity * pool / E); null = top_k
+    threshold_decay: float | None = None  # EMA decay of the inference threshold (race 0.99, diffmoe 0.95)
+    ema_threshold: bool = True  # race: eval routes by the EMA threshold (batch independent); false = batch top-K
+    target_head: bool = True  # race: per-layer regularisation head predicting the training target
+    predictor_hidden: int | None = None  # diffmoe capacity predictor width; None = model width
+    prototype_std: float = 0.02  # promoe: prototypes ~ N(0, std^2)
+    contrastive_tau: float = 0.07  # promoe: routing contrastive loss temperature
+
+    def __post_init__(self) -> None:
+        from moedit.moe.routers import router_defaults  # late: the routers import this module
+
+        for key, value in router_defaults(self.name).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
 
 @dataclass(kw_only=True)
@@ -108,6 +129,14 @@ class DataConfig:
     image_size: int | None = None  # resize (folder data); None = native size
 
 
+# The papers' weights (ROUTERS.md §5): Switch balance 0.01 (DiT-MoE), z-loss off, DiffMoE's capacity
+# BCE 1, ProMoE's routing contrastive loss 1; Race-DiT's similarity and per-layer regularisation
+# weights are not published: [choice] 0.01 (like the balance loss it replaces) and 0.1.
+DEFAULT_AUX_WEIGHTS: dict[str, float] = {
+    "balance": 0.01, "z": 0.0, "capacity": 1.0, "similarity": 0.01, "plr": 0.1, "contrastive": 1.0,
+}
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     out_dir: str = "runs/default"
@@ -130,8 +159,12 @@ class TrainConfig:
     ckpt_every: int = 500  # 0 = only at the end
     keep_last: int = 3
     tensorboard: bool = False
-    # weight of every auxiliary loss the routers emit, summed in one place by the trainer
-    aux_weights: dict[str, float] = field(default_factory=lambda: {"balance": 0.01, "z": 0.0})
+    # weight of every auxiliary loss the routers emit, summed in one place by the trainer; names
+    # not given keep DEFAULT_AUX_WEIGHTS (filled in, so the run's config.yaml lists every weight)
+    aux_weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.aux_weights = {**DEFAULT_AUX_WEIGHTS, **self.aux_weights}
 
 
 @dataclass(kw_only=True)
@@ -350,7 +383,8 @@ def _validate_moe(moe: MoEConfig) -> None:
     _choice(moe.backend, ("auto", "loop", "grouped"), "model.moe.backend")
     _choice(moe.router.name, tuple(ROUTERS), "model.moe.router.name")
     r = moe.router
-    _choice(r.gate, ("linear", "mlp", "cross_attn"), "model.moe.router.gate")
+    if r.gate is not None:  # null only for routers without a gate network (promoe: prototypes)
+        _choice(r.gate, ("linear", "mlp", "cross_attn"), "model.moe.router.gate")
     _choice(r.score, ("softmax", "sigmoid", "identity"), "model.moe.router.score")
     if moe.num_experts < 1:
         raise ConfigError("model.moe.num_experts must be at least 1")
@@ -358,6 +392,26 @@ def _validate_moe(moe: MoEConfig) -> None:
         raise ConfigError(
             f"model.moe.router.top_k={r.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}"
         )
+    if r.capacity is not None and not 0 < r.capacity <= moe.num_experts:
+        raise ConfigError(f"model.moe.router.capacity={r.capacity} must be in (0, num_experts]: it is the "
+                          "average number of experts per token")
+    if r.threshold_decay is not None and not 0.0 <= r.threshold_decay < 1.0:
+        raise ConfigError(f"model.moe.router.threshold_decay={r.threshold_decay} must be in [0, 1)")
+    if r.contrastive_tau <= 0:
+        raise ConfigError("model.moe.router.contrastive_tau must be positive")
+    _validate_groups(moe)
+
+
+def _validate_groups(moe: MoEConfig) -> None:
+    r = moe.router
+    if r.num_groups < 1 or moe.num_experts % r.num_groups != 0:
+        raise ConfigError(f"model.moe.router.num_groups={r.num_groups} must divide "
+                          f"model.moe.num_experts={moe.num_experts}")
+    if not 1 <= r.top_groups <= r.num_groups:
+        raise ConfigError(f"model.moe.router.top_groups={r.top_groups} must be between 1 and num_groups={r.num_groups}")
+    if r.num_groups > 1 and r.top_groups * (moe.num_experts // r.num_groups) < r.top_k:
+        raise ConfigError(f"model.moe.router.top_groups={r.top_groups} groups of {moe.num_experts // r.num_groups} "
+                          f"experts hold fewer than top_k={r.top_k} experts; raise top_groups")
 
 
 def _divisors(n: int) -> str:

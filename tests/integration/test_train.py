@@ -122,10 +122,13 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
 
 
 def test_aux_loss_without_weight_is_an_error(tmp_path):
+    # every built-in loss has a default weight; a custom router's new loss name needs one set
     data = tiny_config(tmp_path / "run")
-    data["train"]["aux_weights"] = {"balance": 0.01}
-    with pytest.raises(ConfigError, match="train.aux_weights.z"):
-        run_training(data)
+    data["train"]["aux_weights"] = {"balance": 0.5}
+    trainer = Trainer(from_dict(data), progress=False)
+    assert trainer.cfg.train.aux_weights["balance"] == 0.5 and trainer.cfg.train.aux_weights["z"] == 0.0
+    with pytest.raises(ConfigError, match="train.aux_weights.mystery"):
+        trainer.weighted_aux({"mystery": torch.tensor(1.0)})
 
 
 def test_data_that_does_not_fit_the_model(tmp_path):

@@ -77,7 +77,7 @@ def test_weights_are_scores_of_chosen_experts(kind: str) -> None:
     router = _router(score=kind, top_k=2)
     x, ctx = _tokens(seed=1)
     routing = router(x, ctx)
-    logits = x @ router.gate.net.proj.weight.T  # independent recomputation of the linear gate
+    logits = x @ router.gate.net.head.weight.T  # independent recomputation of the linear gate
     expected = {"softmax": torch.softmax(logits, -1), "sigmoid": torch.sigmoid(logits), "identity": logits}[kind]
     torch.testing.assert_close(routing.scores_NE, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(routing.weight_M, expected[routing.token_M, routing.expert_M], rtol=1e-5, atol=1e-6)
@@ -86,7 +86,7 @@ def test_weights_are_scores_of_chosen_experts(kind: str) -> None:
         assert (sums < 1 - 1e-3).all()
     # weights are differentiable with respect to the gate
     routing.weight_M.sum().backward()
-    assert router.gate.net.proj.weight.grad.abs().sum() > 0
+    assert router.gate.net.head.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
@@ -119,7 +119,7 @@ def test_selection_bias_changes_selection_not_weights() -> None:
     N = x.shape[0]
     table = _per_token(after)
     assert all(4 in table[i] for i in range(N)), "the biased expert must be chosen by every token"
-    unbiased_scores = torch.softmax(x @ biased.gate.net.proj.weight.T, -1)
+    unbiased_scores = torch.softmax(x @ biased.gate.net.head.weight.T, -1)
     for i in range(N):
         for e, w in table[i].items():
             assert w == pytest.approx(unbiased_scores[i, e].item(), rel=1e-5, abs=1e-7)
@@ -150,7 +150,7 @@ def test_aux_loss_free_update_balances_an_overloaded_expert(kind: str) -> None:
     gamma = 0.02
     router = _router(seed=4, selection_bias=True, bias_update_rate=gamma, top_k=1, score=kind)
     with torch.no_grad():  # gate strongly prefers expert 0: logit_0 = 3 + noise, others noise
-        w = router.gate.net.proj.weight
+        w = router.gate.net.head.weight
         w.normal_(0, 0.5)
         w[:, 0] = 0.0
         w[0, 0] = 3.0
@@ -258,7 +258,7 @@ def test_router_aux_losses_match_the_functions() -> None:
     router = _router(seed=9, top_k=2, score="sigmoid")
     x, ctx = _tokens(seed=9)
     routing = router(x, ctx)
-    logits = x @ router.gate.net.proj.weight.T
+    logits = x @ router.gate.net.head.weight.T
     torch.testing.assert_close(routing.aux["balance"], switch_balance(logits, routing.expert_M))
     torch.testing.assert_close(routing.aux["z"], router_z_loss(logits))
     assert routing.aux["balance"].requires_grad and routing.aux["z"].requires_grad
@@ -290,7 +290,7 @@ def test_gates_run_in_float32_under_bf16_autocast(gate: str) -> None:
 def test_mlp_gate_hidden_width() -> None:
     assert Gate(D, E, RouterConfig(gate="mlp")).net.fc1.out_features == D
     net = Gate(D, E, RouterConfig(gate="mlp", gate_hidden=12)).net
-    assert (net.fc1.out_features, net.fc2.out_features) == (12, E)
+    assert (net.fc1.out_features, net.head.out_features) == (12, E)
 
 
 def test_cross_attn_gate_reads_its_own_samples_condition() -> None:

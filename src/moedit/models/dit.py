@@ -57,7 +57,8 @@ class DiTBlock(nn.Module):
         self.attn = Attention(D, cfg.heads, cfg.qk_norm, rope)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.mlp = None if use_moe else build_ffn(cfg.ffn, D, int(round(cfg.mlp_ratio * D)))
-        self.moe = MoELayer(D, cfg.moe, cfg.ffn) if use_moe else None
+        target_dim = cfg.patch_size ** 2 * cfg.in_channels  # race's per-layer target head predicts this
+        self.moe = MoELayer(D, cfg.moe, cfg.ffn, target_dim) if use_moe else None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
     def forward(self, x_BLD: torch.Tensor, c_BD: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
@@ -144,7 +145,22 @@ class DiT(nn.Module):
         x = x_BLP.view(B, g, g, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, g * p, g * p)
 
-    def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor) -> torch.Tensor:
+    def patchify(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, p²·C) in the final layer's token layout; the inverse of unpatchify."""
+        B, g, p, C = x_BCHW.shape[0], self.grid, self.cfg.patch_size, self.cfg.in_channels
+        x = x_BCHW.reshape(B, C, g, p, g, p)
+        return torch.einsum("bchpwq->bhwpqc", x).reshape(B, g * g, p * p * C)
+
+    @property
+    def wants_target(self) -> bool:
+        """True when a router has a per-layer regularisation head: the objective then passes
+        `target=` (the training target) so that head gets its loss."""
+        return any(getattr(layer.router, "target_head", None) is not None for layer in self.moe_layers())
+
+    def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor,
+                target: torch.Tensor | None = None) -> torch.Tensor:
+        """Prediction for x_t at times t_B with labels y_B. `target` (training only, same shape as
+        x) feeds the routers' per-layer regularisation; it never changes the prediction."""
         expected = (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
         if tuple(x_BCHW.shape[1:]) != expected:
             raise ValueError(f"model expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
@@ -156,7 +172,8 @@ class DiT(nn.Module):
         t_BD, y_BD = self.t_embedder(t_B), self.y_embedder(y_B)
         c_BD = t_BD + y_BD
         ctx = RoutingContext(batch=x_BLD.shape[0], seq_len=x_BLD.shape[1], cond_BSD=torch.stack([t_BD, y_BD], 1),
-                             labels_B=y_B, null_label=self.null_label)
+                             labels_B=y_B, null_label=self.null_label,
+                             target_BLP=self.patchify(target) if target is not None else None)
         for block in self.blocks:
             x_BLD = block(x_BLD, c_BD, ctx)
         return self.unpatchify(self.final_layer(x_BLD, c_BD))

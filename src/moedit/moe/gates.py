@@ -5,6 +5,8 @@
 - cross_attn: the token attends over its sample's conditioning tokens (timestep and class
               embeddings); S = W · [x ; attended]. [choice] arXiv 2605.19378 names this gate without
               its exact form: one multi-head attention read-out, concatenated with x, then linear.
+Each gate is a feature map followed by a linear head (`features` then `head`), so a router may read
+the features too (race's per-layer regularisation head shares the MLP gate's hidden layer).
 Gates always compute in float32, with autocast switched off: router logits in bf16 lose the small
 differences that decide top-k, and tiny router updates vanish in bf16 (the "bf16 trap").
 """
@@ -22,21 +24,23 @@ from moedit.moe.routing import RoutingContext
 class LinearGate(nn.Module):
     def __init__(self, width: int, num_experts: int, cfg: RouterConfig):
         super().__init__()
-        self.proj = nn.Linear(width, num_experts, bias=False)
+        self.feature_dim = width
+        self.head = nn.Linear(width, num_experts, bias=False)
 
-    def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        return self.proj(x_ND)
+    def features(self, x_ND: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        return x_ND
 
 
 class MLPGate(nn.Module):
     def __init__(self, width: int, num_experts: int, cfg: RouterConfig):
         super().__init__()
         hidden = cfg.gate_hidden or width
+        self.feature_dim = hidden
         self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, num_experts, bias=False)
+        self.head = nn.Linear(hidden, num_experts, bias=False)
 
-    def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x_ND)))
+    def features(self, x_ND: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        return F.gelu(self.fc1(x_ND))
 
 
 class CrossAttnGate(nn.Module):
@@ -47,9 +51,10 @@ class CrossAttnGate(nn.Module):
         self.heads = cfg.gate_heads
         self.q = nn.Linear(width, width, bias=False)
         self.kv = nn.Linear(width, 2 * width, bias=False)
-        self.proj = nn.Linear(2 * width, num_experts, bias=False)
+        self.feature_dim = 2 * width
+        self.head = nn.Linear(2 * width, num_experts, bias=False)
 
-    def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+    def features(self, x_ND: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         if ctx.cond_BSD is None:
             raise ValueError("the cross_attn gate needs conditioning tokens in RoutingContext.cond_BSD")
         B, L, h = ctx.batch, ctx.seq_len, self.heads
@@ -59,7 +64,7 @@ class CrossAttnGate(nn.Module):
         v_BhSd = v_BSD.unflatten(-1, (h, -1)).transpose(1, 2)
         read_BhLd = F.scaled_dot_product_attention(q_BhLd, k_BhSd, v_BhSd)
         read_ND = read_BhLd.transpose(1, 2).reshape(B * L, -1)
-        return self.proj(torch.cat([x_ND, read_ND], dim=-1))
+        return torch.cat([x_ND, read_ND], dim=-1)
 
 
 GATES = {"linear": LinearGate, "mlp": MLPGate, "cross_attn": CrossAttnGate}
@@ -71,10 +76,16 @@ class Gate(nn.Module):
     def __init__(self, width: int, num_experts: int, cfg: RouterConfig):
         super().__init__()
         self.net = GATES[cfg.gate](width, num_experts, cfg)
+        self.feature_dim = self.net.feature_dim
 
     def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        return self.forward_features(x_ND, ctx)[1]
+
+    def forward_features(self, x_ND: torch.Tensor, ctx: RoutingContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features_NF, logits_NE), both float32."""
         with torch.autocast(x_ND.device.type, enabled=False):
-            return self.net(x_ND.float(), ctx)
+            features_NF = self.net.features(x_ND.float(), ctx)
+            return features_NF, self.net.head(features_NF)
 
 
 def score(logits_NE: torch.Tensor, kind: str) -> torch.Tensor:

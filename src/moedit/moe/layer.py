@@ -14,7 +14,7 @@ from torch import nn
 from moedit.config import MoEConfig
 from moedit.moe.dispatch import dispatch
 from moedit.moe.experts import StackedExperts
-from moedit.moe.routers import build_router
+from moedit.moe.routers import build_router, extra_experts
 from moedit.moe.routing import Routing, RoutingContext
 
 
@@ -23,11 +23,13 @@ def expert_hidden(width: int, ratio: float) -> int:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, width: int, cfg: MoEConfig, ffn_kind: str = "mlp"):
+    def __init__(self, width: int, cfg: MoEConfig, ffn_kind: str = "mlp", target_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.router = build_router(width, cfg.num_experts, cfg.router)
-        self.experts = StackedExperts(cfg.num_experts, width, expert_hidden(width, cfg.expert_ratio), ffn_kind)
+        self.router = build_router(width, cfg.num_experts, cfg.router, target_dim=target_dim)
+        # routed experts: the configured ones plus any the router adds (ProMoE's unconditional expert)
+        num_routed = cfg.num_experts + extra_experts(cfg.router.name)
+        self.experts = StackedExperts(num_routed, width, expert_hidden(width, cfg.expert_ratio), ffn_kind)
         self.shared: StackedExperts | None = None
         if cfg.num_shared > 0:
             shared_ratio = cfg.shared_ratio if cfg.shared_ratio is not None else cfg.expert_ratio

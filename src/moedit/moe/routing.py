@@ -21,7 +21,9 @@ class RoutingContext:
     """What a router may know besides the tokens themselves.
 
     cond_BSD: the sample's conditioning tokens (timestep and class embeddings), for cross-attention
-    gates; labels_B: the labels after classifier-free dropout (null label = num_classes).
+    gates; labels_B: the labels after classifier-free dropout (null label = num_classes);
+    target_BLP: the training target patchified like the model's output (B, L, p²·C), given only in
+    training, for routers with a per-layer regularisation head (race).
     """
 
     batch: int
@@ -29,6 +31,7 @@ class RoutingContext:
     cond_BSD: torch.Tensor | None = None
     labels_B: torch.Tensor | None = None
     null_label: int | None = None
+    target_BLP: torch.Tensor | None = None
 
 
 @dataclass

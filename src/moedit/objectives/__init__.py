@@ -1,4 +1,5 @@
-"""Training objectives. Each has `loss(model_fn, x0_BCHW, y_B, generator=None) -> (loss, info)`,
+"""Training objectives. Each has `loss(model_fn, x0_BCHW, y_B, generator=None, pass_target=False) -> (loss, info)`
+(pass_target: call model_fn(..., target=training_target) for per-layer regularisation heads),
 `interpolate`, `target`, a `prediction_kind` the samplers check, and never imports the model."""
 
 from __future__ import annotations

@@ -86,10 +86,12 @@ class DDPM:
         return self.interpolate(x0_BCHW, eps_BCHW, n_B), self.time_of(n_B), self.target(x0_BCHW, eps_BCHW, n_B)
 
     def loss(self, model_fn, x0_BCHW: torch.Tensor, y_B: torch.Tensor,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+             generator: torch.Generator | None = None, pass_target: bool = False) -> tuple[torch.Tensor, dict]:
         """Scalar MSE and info {"t_B", "loss_B"} (per-sample losses, detached)."""
         x_n_BCHW, t_B, eps_BCHW = self.training_target(x0_BCHW.float(), generator)
         # the model may run under bf16 autocast; the squared error is formed in float32
-        err_BCHW = (model_fn(x_n_BCHW, t_B, y_B).float() - eps_BCHW).square()
+        # pass_target: the model also sees the target, for per-layer regularisation heads (race)
+        extra = {"target": eps_BCHW} if pass_target else {}
+        err_BCHW = (model_fn(x_n_BCHW, t_B, y_B, **extra).float() - eps_BCHW).square()
         loss_B = err_BCHW.flatten(1).mean(1)
         return loss_B.mean(), {"t_B": t_B, "loss_B": loss_B.detach()}

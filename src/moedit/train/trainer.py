@@ -142,7 +142,7 @@ class Trainer:
             x0_BCHW, y_B = self.batches.get(step, micro)
             x0_BCHW, y_B = x0_BCHW.to(self.device, non_blocking=True), y_B.to(self.device, non_blocking=True)
             with self._autocast():
-                loss, _ = self.objective.loss(self.ddp_model, x0_BCHW, y_B)
+                loss, _ = self.objective.loss(self.ddp_model, x0_BCHW, y_B, pass_target=self.model.wants_target)
                 aux = self.model.aux_losses()
                 total = loss.float() + self.weighted_aux(aux)
             if not torch.isfinite(total):

@@ -12,6 +12,10 @@ the step (and summed across data-parallel ranks by the caller's `reduce_fn`):
 
     b_e ← b_e + γ · sign(mean_f load_f − load_e)
 
+Group-limited routing (DeepSeek-V3 §2.1.2, `num_groups` > 1): the E experts form G equal groups, a
+group scores the sum of its two best (biased) selection scores (its best, for groups of one), and
+each token chooses its k experts inside its `top_groups` best groups only.
+
 Auxiliary losses (unweighted): `balance` (Switch, arXiv 2101.03961) and `z` (ST-MoE, arXiv 2202.08906).
 Train and eval route identically. DiT-MoE (arXiv 2407.11633) is softmax top-2 with balance 0.01;
 the DeepSeek preset is sigmoid + bias + normalize + scale 2.5 with SwiGLU and a shared expert.
@@ -31,7 +35,9 @@ from moedit.moe.routing import Routing, RoutingContext
 
 
 class TopKRouter(nn.Module):
-    def __init__(self, width: int, num_experts: int, cfg: RouterConfig):
+    DEFAULTS = {"gate": "linear", "score": "softmax"}
+
+    def __init__(self, width: int, num_experts: int, cfg: RouterConfig, target_dim: int | None = None):
         super().__init__()
         self.num_experts, self.cfg = num_experts, cfg
         self.gate = Gate(width, num_experts, cfg)
@@ -47,6 +53,8 @@ class TopKRouter(nn.Module):
         select_NE = scores_NE.detach()
         if self.cfg.selection_bias:
             select_NE = select_NE + self.bias_E
+        if self.cfg.num_groups > 1:
+            select_NE = limit_to_groups(select_NE, self.cfg.num_groups, self.cfg.top_groups)
         expert_NK = select_NE.topk(k, dim=-1).indices
         weight_NK = scores_NE.gather(1, expert_NK)
         if self.cfg.normalize:
@@ -75,3 +83,14 @@ class TopKRouter(nn.Module):
         load_E = reduce_fn(self.step_load_E.clone()) if reduce_fn is not None else self.step_load_E
         self.bias_E += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
         self.step_load_E.zero_()
+
+
+def limit_to_groups(select_NE: torch.Tensor, num_groups: int, top_groups: int) -> torch.Tensor:
+    """Selection scores with every expert outside the token's `top_groups` best groups set to -inf."""
+    N, E = select_NE.shape
+    grouped_NGe = select_NE.view(N, num_groups, E // num_groups)
+    best = min(2, grouped_NGe.shape[-1])
+    group_score_NG = grouped_NGe.topk(best, dim=-1).values.sum(-1)
+    keep_NG = torch.zeros_like(group_score_NG, dtype=torch.bool)
+    keep_NG.scatter_(1, group_score_NG.topk(top_groups, dim=-1).indices, True)
+    return grouped_NGe.masked_fill(~keep_NG[..., None], float("-inf")).view(N, E)

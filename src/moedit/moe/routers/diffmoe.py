@@ -1,0 +1,89 @@
+"""Batch-level global token pool with a capacity predictor — `diffmoe` (DiffMoE, Shi et al.,
+arXiv 2503.14487 §3.2-3.3).
+
+Training (`train()`): the pool is all N tokens of the local batch. With s = softmax(gate(x)):
+
+    C = clamp(⌊capacity · N / E⌋, 1, N)        capacity defaults to top_k
+    T_e = top-C_{i ∈ [N]} s_{i,e},  M_{i,e} = [i ∈ T_e],  w_{i,e} = s_{i,e}
+
+A capacity predictor P (2-layer MLP D→D→E, GELU, on the *detached* tokens, so it never steers the
+backbone) learns the selection: aux `capacity` = BCE-with-logits(P(x), M). Each expert keeps a
+threshold θ_e, an EMA (decay 0.95) of the C-th largest σ(P(x))_{·,e} of each batch (moe/threshold.py;
+averaged across data-parallel ranks).
+
+Inference (`eval()`), dynamic and batch-independent: expert e takes every token whose predicted
+probability exceeds its threshold, M_{i,e} = [σ(P(x_i))_e > θ_e], with the gate score as weight.
+[choice] The paper ranks tokens by gate score inside a predicted per-batch capacity; a per-token
+threshold is the form that keeps a sample's output independent of its batch (CFG doubles the batch),
+so it is the one implemented. Compute per sample varies with the input. Before the first optimizer
+step θ_e = 0.5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moedit.config import RouterConfig
+from moedit.moe.gates import Gate, score
+from moedit.moe.losses import router_z_loss
+from moedit.moe.routers.expert_choice import expert_capacity
+from moedit.moe.routing import Routing, RoutingContext
+from moedit.moe.threshold import StepThreshold
+
+
+class CapacityPredictor(nn.Module):
+    def __init__(self, width: int, hidden: int, num_experts: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, num_experts)
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        # float32 outside autocast, like the gate; detached input: the BCE trains the predictor only
+        with torch.autocast(x_ND.device.type, enabled=False):
+            return self.fc2(F.gelu(self.fc1(x_ND.detach().float())))
+
+
+class DiffMoERouter(nn.Module):
+    DEFAULTS = {"gate": "linear", "score": "softmax", "threshold_decay": 0.95}
+
+    def __init__(self, width: int, num_experts: int, cfg: RouterConfig, target_dim: int | None = None):
+        super().__init__()
+        self.num_experts, self.cfg = num_experts, cfg
+        self.gate = Gate(width, num_experts, cfg)
+        self.predictor = CapacityPredictor(width, cfg.predictor_hidden or width, num_experts)
+        self.threshold = StepThreshold(num_experts, cfg.threshold_decay, initial=0.5)
+
+    def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> Routing:
+        N, E = x_ND.shape[0], self.num_experts
+        logits_NE = self.gate(x_ND, ctx)
+        scores_NE = score(logits_NE, self.cfg.score)
+        pred_logits_NE = self.predictor(x_ND)
+        aux = {"z": router_z_loss(logits_NE)}
+        if self.training:
+            C = expert_capacity(self.cfg.capacity or self.cfg.top_k, N, E)
+            token_CE = scores_NE.detach().topk(C, dim=0).indices
+            mask_NE = torch.zeros_like(scores_NE).scatter_(0, token_CE, 1.0)
+            aux["capacity"] = F.binary_cross_entropy_with_logits(pred_logits_NE, mask_NE)
+            self.threshold.observe(torch.sigmoid(pred_logits_NE.detach()).topk(C, dim=0).values[-1])
+            token_M = token_CE.reshape(-1)
+            expert_M = torch.arange(E, device=x_ND.device).repeat(C)
+        else:
+            chosen_NE = torch.sigmoid(pred_logits_NE) > self.threshold.value_X
+            token_M, expert_M = chosen_NE.nonzero(as_tuple=True)
+        return Routing(
+            token_M=token_M,
+            expert_M=expert_M,
+            weight_M=scores_NE[token_M, expert_M],
+            num_tokens=N,
+            num_experts=E,
+            aux=aux,
+            scores_NE=scores_NE.detach(),
+            stats={"load_E": torch.bincount(expert_M, minlength=E)},
+        )
+
+    def after_optimizer_step(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.threshold.update(reduce_fn)

@@ -1,0 +1,94 @@
+"""ProMoE two-step routing — `promoe` (Wei et al., arXiv 2510.24711 §3.2-3.3).
+
+Step 1, conditional routing (hard, not learned): every token of a sample whose label is the null
+label (dropped for classifier-free guidance in training, or the unconditional half of a CFG batch at
+sampling) goes with weight 1 to the dedicated unconditional expert, index E (this router adds one
+expert: `extra_experts = 1`, so the layer holds E + 1 routed experts).
+
+Step 2, prototypical routing of the other (conditional) tokens over E learnable prototypes
+C ∈ R^{E×D}, C ~ N(0, 0.02²):
+
+    s_{i,e} = cos(x_i, C_e),   K_i = top-k_e s_{i,e} (k = 1 in the paper),   w_{i,e} = G(s_{i,e})
+
+with G = identity by default (`score`), no renormalisation. The layer's shared expert (model.moe.
+num_shared, 1 in the paper) sees every token. No balance loss.
+
+Routing contrastive loss `contrastive` (§3.3), conditional tokens only: with T_e the tokens routed
+to e, m_e = mean_{i∈T_e} x_i (not detached) and V the experts with T_e ≠ ∅,
+
+    L_RCL = (1/|V|) Σ_{e∈V} −log( exp(cos(C_e, m_e)/τ) / Σ_{f∈V} exp(cos(C_e, m_f)/τ) ),  τ = 0.07
+
+and L_RCL = 0 when |V| < 2. Train and eval route identically: routing depends on each sample's own
+label and tokens only, never on the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moedit.config import RouterConfig
+from moedit.moe.gates import score
+from moedit.moe.routing import Routing, RoutingContext
+
+
+def routing_contrastive(prototypes_ED: torch.Tensor, x_ND: torch.Tensor, token_M: torch.Tensor,
+                        expert_M: torch.Tensor, tau: float) -> torch.Tensor:
+    """L_RCL of the module docstring over the assignments (token_M, expert_M) of conditional tokens."""
+    E = prototypes_ED.shape[0]
+    sums_ED = torch.zeros_like(prototypes_ED).index_add(0, expert_M, x_ND[token_M].float())
+    counts_E = torch.bincount(expert_M, minlength=E).float()
+    used_E = counts_E > 0
+    means_ED = sums_ED / counts_E.clamp_min(1.0)[:, None]
+    cos_EE = F.normalize(prototypes_ED, dim=-1) @ F.normalize(means_ED, dim=-1).T
+    logits_EE = (cos_EE / tau).masked_fill(~used_E[None, :], -1e9)  # only non-empty experts compete
+    per_row_E = F.cross_entropy(logits_EE, torch.arange(E, device=x_ND.device), reduction="none")
+    num_used = used_E.sum()
+    loss = (per_row_E * used_E).sum() / num_used.clamp_min(1)
+    return torch.where(num_used >= 2, loss, torch.zeros_like(loss))
+
+
+class ProMoERouter(nn.Module):
+    DEFAULTS = {"score": "identity"}
+    extra_experts = 1
+    no_weight_decay = ("prototypes_ED",)
+
+    def __init__(self, width: int, num_experts: int, cfg: RouterConfig, target_dim: int | None = None):
+        super().__init__()
+        self.num_experts, self.cfg = num_experts, cfg
+        self.prototypes_ED = nn.Parameter(torch.randn(num_experts, width) * cfg.prototype_std)
+
+    def unconditional_N(self, ctx: RoutingContext, device: torch.device) -> torch.Tensor:
+        """True for every token of a null-label sample (all False for a model without labels)."""
+        if ctx.labels_B is None or ctx.null_label is None:
+            return torch.zeros(ctx.batch * ctx.seq_len, dtype=torch.bool, device=device)
+        return (ctx.labels_B == ctx.null_label).repeat_interleave(ctx.seq_len)
+
+    def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> Routing:
+        N, E, k = x_ND.shape[0], self.num_experts, self.cfg.top_k
+        with torch.autocast(x_ND.device.type, enabled=False):  # routing math in float32
+            cos_NE = F.normalize(x_ND.float(), dim=-1) @ F.normalize(self.prototypes_ED, dim=-1).T
+        weights_NE = score(cos_NE, self.cfg.score)
+        uncond_N = self.unconditional_N(ctx, x_ND.device)
+        cond_token_C = (~uncond_N).nonzero().squeeze(1)
+        uncond_token_U = uncond_N.nonzero().squeeze(1)
+        expert_CK = cos_NE.detach()[cond_token_C].topk(k, dim=-1).indices
+        cond_token_M = cond_token_C.repeat_interleave(k)
+        cond_expert_M = expert_CK.reshape(-1)
+        token_M = torch.cat([cond_token_M, uncond_token_U])
+        expert_M = torch.cat([cond_expert_M, torch.full_like(uncond_token_U, E)])
+        weight_M = torch.cat([weights_NE[cond_token_M, cond_expert_M],
+                              torch.ones(uncond_token_U.shape[0], device=x_ND.device)])
+        contrastive = routing_contrastive(self.prototypes_ED, x_ND, cond_token_M, cond_expert_M,
+                                          self.cfg.contrastive_tau)
+        return Routing(
+            token_M=token_M,
+            expert_M=expert_M,
+            weight_M=weight_M,
+            num_tokens=N,
+            num_experts=E + 1,
+            aux={"contrastive": contrastive},
+            scores_NE=weights_NE.detach(),
+            stats={"load_E": torch.bincount(expert_M, minlength=E + 1)},
+        )
