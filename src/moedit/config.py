@@ -263,7 +263,9 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a config file. A top-level `base: other.yaml` (relative to this file) is loaded first
+    and this file's keys are merged over it, level by level, so a variant states only what differs."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/quickstart.yaml")
@@ -273,7 +275,24 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in _seen or base_path == path.resolve():
+        raise ConfigError(f"config file {path}: `base: {base}` makes a cycle of base files")
+    return deep_merge(load_yaml(base_path, _seen + (path.resolve(),)), data)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` merged onto `base`: nested mappings merge key by key, any other value (null too) replaces."""
+    merged = _deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = _deepcopy(value)
+    return merged
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:

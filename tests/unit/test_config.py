@@ -229,3 +229,40 @@ def test_preset_plus_explicit_keys() -> None:
     _raises({"model": {"preset": "DiT-XXL/2"}}, "DiT-XXL/2", "DiT-S/2", "tiny")
     # the preset's patch size is checked against the image size like an explicit one
     _raises({"model": {"preset": "DiT-S/8", "image_size": 28}}, "model.patch_size=8")
+
+
+def test_base_config_is_merged_under_the_variant(tmp_path) -> None:
+    (tmp_path / "base.yaml").write_text(
+        "model:\n  moe:\n    num_experts: 8\n    router: {name: topk, top_k: 2}\ntrain: {steps: 7, lr: 0.1}\n")
+    (tmp_path / "variant.yaml").write_text(
+        "base: base.yaml\nmodel:\n  moe:\n    router: {name: race}\ntrain: {lr: 0.2}\n")
+    cfg = load_config(tmp_path / "variant.yaml", ["train.steps=9"])
+    assert cfg.model.moe.num_experts == 8 and cfg.model.moe.router.top_k == 2  # kept from the base
+    assert cfg.model.moe.router.name == "race" and cfg.train.lr == 0.2  # the variant wins
+    assert cfg.train.steps == 9  # overrides win over both
+    (tmp_path / "dense.yaml").write_text("base: base.yaml\nmodel:\n  moe: null\n")
+    assert load_config(tmp_path / "dense.yaml").model.moe is None  # null replaces a whole section
+
+
+def test_base_config_cycle_and_missing_base(tmp_path) -> None:
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml does not exist"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_router_defaults_fill_null_fields() -> None:
+    race = from_dict({"model": {"moe": {"router": {"name": "race"}}}}).model.moe.router
+    assert (race.gate, race.score, race.threshold_decay) == ("mlp", "identity", 0.99)
+    mine = from_dict({"model": {"moe": {"router": {"name": "race", "score": "sigmoid"}}}}).model.moe.router
+    assert mine.score == "sigmoid"  # an explicit value is never replaced
+    topk = from_dict({"model": {"moe": {}}}).model.moe.router
+    assert (topk.gate, topk.score) == ("linear", "softmax")
+
+
+def test_aux_weights_keep_defaults_for_names_not_given() -> None:
+    weights = from_dict({"train": {"aux_weights": {"balance": 0.5}}}).train.aux_weights
+    assert weights["balance"] == 0.5 and weights["capacity"] == 1.0 and weights["contrastive"] == 1.0

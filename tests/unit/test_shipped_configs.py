@@ -28,3 +28,20 @@ def test_shipped_config_builds_and_runs(path):
 
 def test_configs_exist():
     assert {"quickstart", "deepseek_style", "ddpm_mnist", "dit_moe_s2"} <= {p.stem for p in CONFIGS}
+
+
+def test_every_router_has_a_tiny_config():
+    from moedit.moe.routers import ROUTERS
+
+    by_router = {load_config(p).model.moe.router.name for p in CONFIGS if load_config(p).model.moe is not None}
+    assert set(ROUTERS) <= by_router
+
+
+def test_router_configs_differ_from_the_quickstart_only_in_routing():
+    base = load_config(CONFIGS[0].parent / "quickstart.yaml")
+    for path in CONFIGS:
+        if path.stem.startswith("router_"):
+            cfg = load_config(path)
+            assert (cfg.train.steps, cfg.train.batch_size, cfg.train.lr) == (base.train.steps, base.train.batch_size, base.train.lr)
+            assert (cfg.model.width, cfg.model.depth, cfg.data) == (base.model.width, base.model.depth, base.data)
+            assert cfg.train.out_dir != base.train.out_dir  # a variant never writes into the quickstart's run
