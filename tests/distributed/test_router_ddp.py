@@ -177,11 +177,6 @@ def test_trainer_under_torchrun_with_race_and_diffmoe(tmp_path) -> None:
     """The user path: thresholds (and everything else) identical on both ranks after Trainer.train()."""
     routers = {k: ROUTERS[k] for k in ("race", "diffmoe")}
     result = _launch(TRAINER_SCRIPT.format(routers=routers), tmp_path)
-    if result.returncode != 0 and "marked as ready twice" in result.stderr:
-        pytest.xfail("known bug: under DDP (find_unused_parameters=True) the trainer takes the aux losses "
-                     "from model.aux_losses(), outside the DDP forward's output, so parameters reached only "
-                     "by an aux loss (race target_head via plr, diffmoe predictor via capacity) are marked "
-                     "unused, then 'marked as ready twice' in backward")
     assert result.returncode == 0, result.stderr[-4000:]
     rank0, rank1 = _load_ranks(tmp_path)
     for key in routers:

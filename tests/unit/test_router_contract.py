@@ -53,9 +53,6 @@ AUX_PATHS: dict[str, tuple[tuple[str, ...], tuple[str, ...], bool]] = {
     "contrastive": (("prototypes_ED",), (), True),
 }
 
-# aux losses that are known to be computed partly in bf16 under autocast (see test below)
-KNOWN_BF16_AUX = {("race", "similarity"), ("promoe", "contrastive")}
-
 
 def _case_id(name: str, kw: dict) -> str:
     return name + ("" if not kw else "-" + "-".join(f"{k}={v}" for k, v in kw.items()))
@@ -234,17 +231,9 @@ def test_aux_losses_float32_under_bf16_autocast(name: str, kw: dict) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         aux = router(x_bf16, ctx).aux
     assert aux.keys() == reference.keys()
-    known_bad = []
     for aux_name, value in aux.items():
-        exact = value.dtype == torch.float32 and torch.allclose(value, reference[aux_name], rtol=1e-5, atol=1e-7)
-        if (name, aux_name) in KNOWN_BF16_AUX:
-            known_bad.append((aux_name, exact))
-        else:
-            assert exact, (aux_name, value.dtype, value.item(), reference[aux_name].item())
-    if known_bad:
-        assert not all(exact for _, exact in known_bad), (
-            f"{known_bad} now computed in float32: remove them from KNOWN_BF16_AUX")
-        pytest.xfail(f"known bug: {name}'s {[n for n, _ in known_bad]} runs its matmuls in bf16 under autocast")
+        assert value.dtype == torch.float32, (aux_name, value.dtype)
+        torch.testing.assert_close(value, reference[aux_name], rtol=1e-5, atol=1e-7, msg=aux_name)
 
 
 # ----------------------------------------------------------------------------- determinism

@@ -42,12 +42,33 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
+class ForwardWithAux(torch.nn.Module):
+    """The model's forward returning (prediction, model.aux_losses()).
+
+    DDP with find_unused_parameters=True walks the autograd graph of the forward's *output* to
+    learn which parameters this step uses. Parameters reached only by an auxiliary loss (race's
+    target heads through `plr`, DiffMoE's capacity predictor through `capacity`) are invisible
+    from the prediction alone: DDP would mark them unused, then see their gradient arrive in
+    backward and fail ("marked as ready twice"). Returning the aux losses from the wrapped
+    forward puts them in the graph DDP walks.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.model(*args, **kwargs), self.model.aux_losses()
+
+
 def wrap_data_parallel(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """`ForwardWithAux(model)`, inside DDP when more than one process trains."""
+    step_model = ForwardWithAux(model)
     if not info.enabled:
-        return model
+        return step_model
     ids = [device.index] if device.type == "cuda" else None
     # routers may leave some experts without tokens on a step: their parameters get no gradient
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return DistributedDataParallel(step_model, device_ids=ids, find_unused_parameters=True)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,7 @@ class Trainer:
         self.objective = build_objective(cfg.objective)
         self.batches = BatchStream(self.dataset, tc.batch_size, cfg.seed, tc.grad_accum, self.dist.rank, self.dist.world)
         self.start_step = self._load(latest) if latest is not None else 0
-        self.ddp_model = wrap_data_parallel(self.model, self.dist, self.device)
+        self.step_model = wrap_data_parallel(self.model, self.dist, self.device)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, self.run_dir / "config.yaml")  # only now: the checkpoint and config fit
@@ -134,6 +134,17 @@ class Trainer:
             total = total + weights[name] * value.float()
         return total
 
+    def _loss_and_aux(self, x0_BCHW: torch.Tensor, y_B: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Diffusion loss and the unweighted aux losses, both from one (DDP-visible) forward."""
+        captured: dict[str, dict] = {}
+
+        def model_fn(*args, **kwargs) -> torch.Tensor:
+            prediction, captured["aux"] = self.step_model(*args, **kwargs)
+            return prediction
+
+        loss, _ = self.objective.loss(model_fn, x0_BCHW, y_B, pass_target=self.model.wants_target)
+        return loss, captured["aux"]
+
     def train_step(self, step: int) -> dict[str, float]:
         tc = self.cfg.train
         set_lr(self.optimizer, lr_at(step, tc))
@@ -142,8 +153,7 @@ class Trainer:
             x0_BCHW, y_B = self.batches.get(step, micro)
             x0_BCHW, y_B = x0_BCHW.to(self.device, non_blocking=True), y_B.to(self.device, non_blocking=True)
             with self._autocast():
-                loss, _ = self.objective.loss(self.ddp_model, x0_BCHW, y_B, pass_target=self.model.wants_target)
-                aux = self.model.aux_losses()
+                loss, aux = self._loss_and_aux(x0_BCHW, y_B)
                 total = loss.float() + self.weighted_aux(aux)
             if not torch.isfinite(total):
                 self._fail_non_finite(step, loss, aux)

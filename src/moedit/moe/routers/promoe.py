@@ -37,11 +37,12 @@ def routing_contrastive(prototypes_ED: torch.Tensor, x_ND: torch.Tensor, token_M
                         expert_M: torch.Tensor, tau: float) -> torch.Tensor:
     """L_RCL of the module docstring over the assignments (token_M, expert_M) of conditional tokens."""
     E = prototypes_ED.shape[0]
-    sums_ED = torch.zeros_like(prototypes_ED).index_add(0, expert_M, x_ND[token_M].float())
+    sums_ED = torch.zeros_like(prototypes_ED).float().index_add(0, expert_M, x_ND[token_M].float())
     counts_E = torch.bincount(expert_M, minlength=E).float()
     used_E = counts_E > 0
     means_ED = sums_ED / counts_E.clamp_min(1.0)[:, None]
-    cos_EE = F.normalize(prototypes_ED, dim=-1) @ F.normalize(means_ED, dim=-1).T
+    with torch.autocast(x_ND.device.type, enabled=False):  # cosines / τ=0.07 need float32 under bf16
+        cos_EE = F.normalize(prototypes_ED.float(), dim=-1) @ F.normalize(means_ED, dim=-1).T
     logits_EE = (cos_EE / tau).masked_fill(~used_E[None, :], -1e9)  # only non-empty experts compete
     per_row_E = F.cross_entropy(logits_EE, torch.arange(E, device=x_ND.device), reduction="none")
     num_used = used_E.sum()

@@ -49,9 +49,10 @@ def race_mask(logits_NE: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tens
 def router_similarity(logits_NE: torch.Tensor, mask_NE: torch.Tensor) -> torch.Tensor:
     """L_sim of the module docstring; mask_NE is the 0/1 selection M."""
     N, E = logits_NE.shape
-    p_NE = torch.softmax(logits_NE.float(), dim=-1)
-    co_prob_EE = p_NE.T @ p_NE
-    co_sel_EE = (mask_NE.T.float() @ mask_NE.float()).detach()
+    with torch.autocast(logits_NE.device.type, enabled=False):  # E×E products in float32 under bf16
+        p_NE = torch.softmax(logits_NE.float(), dim=-1)
+        co_prob_EE = p_NE.T @ p_NE
+        co_sel_EE = (mask_NE.T.float() @ mask_NE.float()).detach()
     diag = torch.eye(E, dtype=torch.bool, device=logits_NE.device)
     on_diag = co_sel_EE.diagonal().sum().clamp_min(1.0)
     off_diag = co_sel_EE.masked_fill(diag, 0.0).sum().clamp_min(1.0)
