@@ -129,7 +129,8 @@ class DataConfig:
     image_size: int | None = None  # resize (folder data); None = native size
 
 
-# The papers' weights (ROUTERS.md §5): Switch balance 0.01 (DiT-MoE), z-loss off, DiffMoE's capacity
+# The papers' weights (ROUTERS.md §5): Switch balance 0.01 (DiT-MoE's released code; its paper's text
+# says 0.005, docs/PRESETS.md), z-loss off, DiffMoE's capacity
 # BCE 1, ProMoE's routing contrastive loss 1; Race-DiT's similarity and per-layer regularisation
 # weights are not published: [choice] 0.01 (like the balance loss it replaces) and 0.1.
 DEFAULT_AUX_WEIGHTS: dict[str, float] = {

@@ -14,9 +14,8 @@ and `moe: null` turns any preset into a dense model.
 
 from __future__ import annotations
 
-import copy
 
-from moedit.config import ConfigError
+from moedit.config import ConfigError, deep_merge
 
 # name -> (depth, width, heads)
 _DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -117,19 +116,6 @@ MODEL_PRESETS: dict[str, dict] = {
     "micro": dict(depth=2, width=32, heads=2, patch_size=4),
     **_paper_presets(),
 }
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    """`base` updated by `override` at every nesting level. Where both hold a mapping the two are
-    merged; anything else in `override` (a scalar, a list, or null) replaces the base value, so a
-    user's `moe: null` drops a preset's whole MoE block. Neither input is modified."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def resolve_model_preset(model: dict) -> dict:
