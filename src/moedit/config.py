@@ -84,7 +84,10 @@ class ModelConfig:
     heads: int = 4
     num_classes: int = 10
     class_dropout: float = 0.1  # label -> null class with this probability in training (CFG)
-    pos_embed: str = "sincos"  # sincos | rope
+    pos_embed: str = "sincos"  # sincos (rows first) | sincos_wh (columns first: facebookresearch/DiT) | rope
+    # prediction channels; None = in_channels. More (DiT's learned sigma: 2·in_channels) are kept in the
+    # output, and objectives and samplers use the first in_channels (docs/CONVERT.md)
+    out_channels: int | None = None
     qk_norm: bool = False
     ffn: str = "mlp"  # mlp (GELU-tanh, DiT) | swiglu; used by dense FFNs and experts alike
     mlp_ratio: float = 4.0  # dense FFN hidden width = mlp_ratio * width
@@ -153,6 +156,12 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    # parameter storage and the bf16 trap (docs/PRECISION.md): fp32 = float32 master weights (bf16
+    # compute via autocast) | bf16 = pure bf16 storage, needs precision bf16
+    param_dtype: str = "fp32"
+    router_fp32: bool = True  # param_dtype=bf16: router and prototype parameters stay float32
+    stochastic_rounding: bool = False  # param_dtype=bf16: round updates into bf16 stochastically
+    bf16_monitor_every: int = 0  # measure lost updates (bf16_lost/<group>) every N steps; 0 = off
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # CPU intra-op threads; None = torch default
     log_every: int = 25
@@ -169,6 +178,26 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class DiagnosticsConfig:
+    """Routing monitor and failure detectors during training (docs/DIAGNOSTICS.md, ROUTERS.md §7).
+    MoE models only; a dense model records nothing. Defaults fit the quickstart (1,500 steps)."""
+
+    monitor: bool = True  # record routing to RUN/routing/ (measured < 1% of a quickstart step)
+    every: int = 1  # optimizer steps summed into one record; raise it for long runs to shrink the file
+    t_buckets: int = 4  # equal-width buckets of t ∈ [0, 1] for the per-timestep tables
+    max_classes: int = 32  # labels 0..max_classes-1 get their own row; higher ones share "other"; null has its own
+    token_samples: int = 4  # tokens per record whose raw decisions (experts, weights) are kept; 0 = none
+    probe_every: int = 50  # steps between expert-homogenisation probes (all experts on probe_tokens); 0 = never
+    probe_tokens: int = 64  # tokens per layer the probe runs every expert on
+    saturation_entropy: float = 0.95  # soft saturation: normalised score entropy at least this ...
+    saturation_cosine: float = 0.99  # ... and mean pairwise cosine of expert outputs at least this (paper: 0.99)
+    saturation_streak: int = 2  # ... on this many consecutive probes
+    deadlock_share: float = 0.9  # selective deadlock: top-1 share at least this (paper: 0.9) ...
+    deadlock_streak: int = 100  # ... for this many consecutive steps
+    deadlock_release: float = 0.8  # a detected deadlock ends only when the top-1 share falls below this
+
+
+@dataclass(kw_only=True)
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -176,6 +205,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 # ----------------------------------------------------------------------------- dict <-> dataclass
@@ -364,9 +394,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.width={m.width} must be divisible by model.heads={m.heads}")
     if m.pos_embed == "rope" and (m.width // m.heads) % 4 != 0:
         raise ConfigError("model.pos_embed=rope needs a head width (width/heads) divisible by 4")
-    if m.pos_embed == "sincos" and m.width % 4 != 0:  # sincos_2d splits width into 4 equal parts
-        raise ConfigError(f"model.pos_embed=sincos needs model.width divisible by 4, got {m.width}")
-    _choice(m.pos_embed, ("sincos", "rope"), "model.pos_embed")
+    if m.pos_embed != "rope" and m.width % 4 != 0:  # sincos_2d splits width into 4 equal parts
+        raise ConfigError(f"model.pos_embed={m.pos_embed} needs model.width divisible by 4, got {m.width}")
+    _choice(m.pos_embed, ("sincos", "sincos_wh", "rope"), "model.pos_embed")
+    if m.out_channels is not None and m.out_channels < m.in_channels:
+        raise ConfigError(f"model.out_channels={m.out_channels} must be at least model.in_channels="
+                          f"{m.in_channels} (the prediction's first in_channels are used), or null")
     _choice(m.ffn, ("mlp", "swiglu"), "model.ffn")
     if not 0.0 <= m.class_dropout < 1.0:
         raise ConfigError("model.class_dropout must be in [0, 1)")
@@ -387,6 +420,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("sample.cfg_interval must be [t_lo, t_hi] or null")
     t = cfg.train
     _choice(t.precision, ("auto", "fp32", "bf16"), "train.precision")
+    _validate_storage(t)
     _choice(t.lr_schedule, ("constant", "cosine"), "train.lr_schedule")
     for key in ("steps", "batch_size", "grad_accum", "keep_last"):
         if getattr(t, key) < 1:
@@ -394,6 +428,22 @@ def validate(cfg: Config) -> None:
     if len(t.betas) != 2:
         raise ConfigError("train.betas must be a list of two numbers, e.g. [0.9, 0.999]")
     _choice(cfg.data.name, ("mnist", "fashion_mnist", "folder", "npz", "synthetic"), "data.name")
+    _validate_diagnostics(cfg.diagnostics)
+
+
+def _validate_diagnostics(d: DiagnosticsConfig) -> None:
+    for key in ("every", "t_buckets", "probe_tokens", "saturation_streak", "deadlock_streak"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"diagnostics.{key}={getattr(d, key)} must be at least 1")
+    for key in ("max_classes", "token_samples", "probe_every"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"diagnostics.{key}={getattr(d, key)} must be at least 0 (0 turns it off)")
+    for key in ("saturation_entropy", "saturation_cosine", "deadlock_share", "deadlock_release"):
+        if not 0.0 < getattr(d, key) <= 1.0:
+            raise ConfigError(f"diagnostics.{key}={getattr(d, key)} must be in (0, 1]")
+    if d.deadlock_release > d.deadlock_share:
+        raise ConfigError(f"diagnostics.deadlock_release={d.deadlock_release} must not exceed "
+                          f"diagnostics.deadlock_share={d.deadlock_share} (it is the lower, release threshold)")
 
 
 def _validate_moe(moe: MoEConfig) -> None:
@@ -432,6 +482,24 @@ def _validate_groups(moe: MoEConfig) -> None:
     if r.num_groups > 1 and r.top_groups * (moe.num_experts // r.num_groups) < r.top_k:
         raise ConfigError(f"model.moe.router.top_groups={r.top_groups} groups of {moe.num_experts // r.num_groups} "
                           f"experts hold fewer than top_k={r.top_k} experts; raise top_groups")
+
+
+def _validate_storage(t: TrainConfig) -> None:
+    """Parameter storage vs compute precision (docs/PRECISION.md); precision=auto with bf16 storage is
+    checked by the trainer, once the device is known."""
+    _choice(t.param_dtype, ("fp32", "bf16"), "train.param_dtype")
+    if t.bf16_monitor_every < 0:
+        raise ConfigError(f"train.bf16_monitor_every={t.bf16_monitor_every} must be at least 0 (0 turns it off)")
+    if t.param_dtype == "bf16" and t.precision == "fp32":
+        raise ConfigError("train.param_dtype=bf16 stores the weights in bfloat16, which needs bf16 compute; "
+                          "set train.precision=bf16, or train.param_dtype=fp32")
+    if t.param_dtype == "fp32" and t.stochastic_rounding:
+        raise ConfigError("train.stochastic_rounding=true rounds updates into bf16 weights, but train.param_dtype="
+                          "fp32 stores float32 weights, which lose nothing; set train.param_dtype=bf16 or "
+                          "train.stochastic_rounding=false")
+    if t.param_dtype == "fp32" and not t.router_fp32:
+        raise ConfigError("train.router_fp32=false asks for a bf16 router, but train.param_dtype=fp32 stores every "
+                          "parameter in float32; set train.param_dtype=bf16 or train.router_fp32=true")
 
 
 def _divisors(n: int) -> str:

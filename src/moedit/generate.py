@@ -18,7 +18,8 @@ def _model_fn(model: torch.nn.Module, amp_dtype: torch.dtype | None):
     def fn(x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor) -> torch.Tensor:
         ctx = torch.autocast(x_BCHW.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with ctx:
-            return model(x_BCHW, t_B, y_B).float()
+            # samplers integrate the first C channels (a learned-sigma model predicts 2·C)
+            return model(x_BCHW, t_B, y_B)[:, : x_BCHW.shape[1]].float()
 
     return fn
 

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from moedit.diagnostics.record import RoutingRecord
+
 SCRIPT = """
 import sys, torch
 from moedit.config import load_config
@@ -50,3 +52,6 @@ def test_two_process_ddp(tmp_path):
     assert any(rank0[k].abs().sum() > 0 for k in rank0 if k.endswith("bias_E"))
     assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
     assert (tmp_path / "run" / "samples" / "final.png").is_file()
+    routing = RoutingRecord(tmp_path / "run")  # rank 0 wrote the monitor's counts summed over both ranks
+    assert list(routing.records["step"]) == [1, 2, 3, 4]
+    assert (routing.records["tokens"] == 2 * 8 * 16).all()  # 2 ranks x 8 images x 16 tokens

@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moedit.cli import convert as convert_cmd
+from moedit.cli import diagnose as diagnose_cmd
 from moedit.cli import sample as sample_cmd
 from moedit.cli import train as train_cmd
 
-COMMANDS = {"train": train_cmd, "sample": sample_cmd}
+COMMANDS = {"train": train_cmd, "sample": sample_cmd, "convert": convert_cmd, "diagnose": diagnose_cmd}
 
 
 def user_errors() -> tuple[type[Exception], ...]:
     from moedit.config import ConfigError
     from moedit.data import DatasetError
+    from moedit.diagnostics.record import DiagnosticsError
     from moedit.train.checkpoint import CheckpointError
     from moedit.train.trainer import TrainingError
 
-    return (ConfigError, DatasetError, CheckpointError, TrainingError)
+    return (ConfigError, DatasetError, CheckpointError, TrainingError, DiagnosticsError)
 
 
 def build_parser() -> argparse.ArgumentParser:

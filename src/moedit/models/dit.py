@@ -109,16 +109,24 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(p, C, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout)
-        self.register_buffer("pos_embed", sincos_2d(D, self.grid)[None], persistent=False)
+        columns_first = cfg.pos_embed == "sincos_wh"  # facebookresearch/DiT's channel order (embed.py)
+        self.register_buffer("pos_embed", sincos_2d(D, self.grid, columns_first)[None], persistent=False)
         rope = Rope2D(D // cfg.heads, self.grid) if cfg.pos_embed == "rope" else None
         moe_at = set(moe_block_indices(cfg))
         self.blocks = nn.ModuleList(DiTBlock(cfg, i in moe_at, rope) for i in range(cfg.depth))
-        self.final_layer = FinalLayer(D, p, C)
+        self.final_layer = FinalLayer(D, p, self.out_channels)
         self.initialize_weights()
+        self.last_context: RoutingContext | None = None  # the last forward's, for diagnostics
 
     @property
     def null_label(self) -> int:
         return self.y_embedder.null_label
+
+    @property
+    def out_channels(self) -> int:
+        """Prediction channels: in_channels, or more (e.g. DiT's learned-sigma 2·C); objectives and
+        samplers read the first in_channels of them."""
+        return self.cfg.out_channels or self.cfg.in_channels
 
     def initialize_weights(self) -> None:
         """DiT's initialisation: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output."""
@@ -141,7 +149,7 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def unpatchify(self, x_BLP: torch.Tensor) -> torch.Tensor:
-        B, g, p, C = x_BLP.shape[0], self.grid, self.cfg.patch_size, self.cfg.in_channels
+        B, g, p, C = x_BLP.shape[0], self.grid, self.cfg.patch_size, self.out_channels
         x = x_BLP.view(B, g, g, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, g * p, g * p)
 
@@ -167,13 +175,14 @@ class DiT(nn.Module):
                              f"got {tuple(x_BCHW.shape)}")
         y_B = self.y_embedder.drop(y_B)
         x_BLD = self.x_embedder(x_BCHW)
-        if self.cfg.pos_embed == "sincos":
+        if self.cfg.pos_embed != "rope":  # sincos or sincos_wh: a fixed additive table
             x_BLD = x_BLD + self.pos_embed
         t_BD, y_BD = self.t_embedder(t_B), self.y_embedder(y_B)
         c_BD = t_BD + y_BD
         ctx = RoutingContext(batch=x_BLD.shape[0], seq_len=x_BLD.shape[1], cond_BSD=torch.stack([t_BD, y_BD], 1),
                              labels_B=y_B, null_label=self.null_label,
-                             target_BLP=self.patchify(target) if target is not None else None)
+                             target_BLP=self.patchify(target) if target is not None else None, t_B=t_B)
+        self.last_context = ctx  # the routing monitor reads t and the labels after CFG dropout from it
         for block in self.blocks:
             x_BLD = block(x_BLD, c_BD, ctx)
         return self.unpatchify(self.final_layer(x_BLD, c_BD))

@@ -4,7 +4,11 @@
   frequencies) followed by a two-layer SiLU MLP.
 - Label: a table with one extra row, the null class (index = num_classes), used for classifier-free
   guidance; in training each label is replaced by the null class with probability `dropout`.
-- Absolute positions: fixed 2-D sin-cos (half the channels encode the row, half the column).
+- Absolute positions: fixed 2-D sin-cos. `sincos`: the first half of the channels encodes the row,
+  the second half the column. `sincos_wh`: the two halves swapped (column first), the table of
+  facebookresearch/DiT's get_2d_sincos_pos_embed (np.meshgrid(grid_w, grid_h) puts w first), so
+  checkpoints trained with it import exactly (docs/CONVERT.md). Each half is [sin, cos] of
+  pos·10000^(−j/(D/4)), j < D/4, over tokens in row-major order.
 - RoPE 2-D: the head dimension is split in two halves rotated by row and by column position
   (as in the EfficientMoE recipe, arXiv 2512.01252, and FiT/Lumina), applied to q and k.
 """
@@ -56,8 +60,9 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y_B)
 
 
-def sincos_2d(width: int, grid: int) -> torch.Tensor:
-    """Fixed (grid², width) table: first half of the channels encodes rows, second half columns."""
+def sincos_2d(width: int, grid: int, columns_first: bool = False) -> torch.Tensor:
+    """Fixed (grid², width) table: first half of the channels encodes rows, second half columns
+    (`columns_first`: the other way round, as facebookresearch/DiT's table — `sincos_wh`)."""
     coords = torch.arange(grid, dtype=torch.float64)
     row_L, col_L = torch.meshgrid(coords, coords, indexing="ij")
 
@@ -66,7 +71,8 @@ def sincos_2d(width: int, grid: int) -> torch.Tensor:
         angles = pos_L.reshape(-1, 1) * omega[None]
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
-    return torch.cat([encode(row_L, width // 2), encode(col_L, width // 2)], dim=1).float()
+    halves = [encode(row_L, width // 2), encode(col_L, width // 2)]
+    return torch.cat(halves[::-1] if columns_first else halves, dim=1).float()
 
 
 class Rope2D(nn.Module):

@@ -40,7 +40,7 @@ class MLPGate(nn.Module):
         self.head = nn.Linear(hidden, num_experts, bias=False)
 
     def features(self, x_ND: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        return F.gelu(self.fc1(x_ND))
+        return F.gelu(linear_f32(self.fc1, x_ND))
 
 
 class CrossAttnGate(nn.Module):
@@ -58,13 +58,20 @@ class CrossAttnGate(nn.Module):
         if ctx.cond_BSD is None:
             raise ValueError("the cross_attn gate needs conditioning tokens in RoutingContext.cond_BSD")
         B, L, h = ctx.batch, ctx.seq_len, self.heads
-        q_BhLd = self.q(x_ND).view(B, L, h, -1).transpose(1, 2)
-        k_BSD, v_BSD = self.kv(ctx.cond_BSD.float()).chunk(2, dim=-1)
+        q_BhLd = linear_f32(self.q, x_ND).view(B, L, h, -1).transpose(1, 2)
+        k_BSD, v_BSD = linear_f32(self.kv, ctx.cond_BSD).chunk(2, dim=-1)
         k_BhSd = k_BSD.unflatten(-1, (h, -1)).transpose(1, 2)
         v_BhSd = v_BSD.unflatten(-1, (h, -1)).transpose(1, 2)
         read_BhLd = F.scaled_dot_product_attention(q_BhLd, k_BhSd, v_BhSd)
         read_ND = read_BhLd.transpose(1, 2).reshape(B * L, -1)
         return torch.cat([x_ND, read_ND], dim=-1)
+
+
+def linear_f32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) in float32 whatever the layer is stored in: with train.param_dtype=bf16 and
+    train.router_fp32=false the router's weights are bf16, but its arithmetic stays float32."""
+    bias = layer.bias.float() if layer.bias is not None else None
+    return F.linear(x.float(), layer.weight.float(), bias)
 
 
 GATES = {"linear": LinearGate, "mlp": MLPGate, "cross_attn": CrossAttnGate}
@@ -85,7 +92,7 @@ class Gate(nn.Module):
         """(features_NF, logits_NE), both float32."""
         with torch.autocast(x_ND.device.type, enabled=False):
             features_NF = self.net.features(x_ND.float(), ctx)
-            return features_NF, self.net.head(features_NF)
+            return features_NF, linear_f32(self.net.head, features_NF)
 
 
 def score(logits_NE: torch.Tensor, kind: str) -> torch.Tensor:

@@ -23,7 +23,8 @@ class RoutingContext:
     cond_BSD: the sample's conditioning tokens (timestep and class embeddings), for cross-attention
     gates; labels_B: the labels after classifier-free dropout (null label = num_classes);
     target_BLP: the training target patchified like the model's output (B, L, p²·C), given only in
-    training, for routers with a per-layer regularisation head (race).
+    training, for routers with a per-layer regularisation head (race); t_B: the diffusion times of
+    the batch (the routing monitor buckets decisions by them; no router reads them yet).
     """
 
     batch: int
@@ -32,6 +33,7 @@ class RoutingContext:
     labels_B: torch.Tensor | None = None
     null_label: int | None = None
     target_BLP: torch.Tensor | None = None
+    t_B: torch.Tensor | None = None
 
 
 @dataclass

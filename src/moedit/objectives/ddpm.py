@@ -92,6 +92,8 @@ class DDPM:
         # the model may run under bf16 autocast; the squared error is formed in float32
         # pass_target: the model also sees the target, for per-layer regularisation heads (race)
         extra = {"target": eps_BCHW} if pass_target else {}
-        err_BCHW = (model_fn(x_n_BCHW, t_B, y_B, **extra).float() - eps_BCHW).square()
+        # the first C channels: a model with more outputs (DiT's learned sigma) keeps its extra ones untrained
+        pred_BCHW = model_fn(x_n_BCHW, t_B, y_B, **extra)[:, : eps_BCHW.shape[1]]
+        err_BCHW = (pred_BCHW.float() - eps_BCHW).square()
         loss_B = err_BCHW.flatten(1).mean(1)
         return loss_B.mean(), {"t_B": t_B, "loss_B": loss_B.detach()}

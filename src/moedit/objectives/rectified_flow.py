@@ -51,6 +51,8 @@ class RectifiedFlow:
         # the model may run under bf16 autocast; the squared error is formed in float32
         # pass_target: the model also sees the target, for per-layer regularisation heads (race)
         extra = {"target": v_BCHW} if pass_target else {}
-        err_BCHW = (model_fn(x_t_BCHW, t_B, y_B, **extra).float() - v_BCHW).square()
+        # the first C channels: a model with more outputs (DiT's learned sigma) keeps its extra ones untrained
+        pred_BCHW = model_fn(x_t_BCHW, t_B, y_B, **extra)[:, : v_BCHW.shape[1]]
+        err_BCHW = (pred_BCHW.float() - v_BCHW).square()
         loss_B = err_BCHW.flatten(1).mean(1)
         return loss_B.mean(), {"t_B": t_B, "loss_B": loss_B.detach()}

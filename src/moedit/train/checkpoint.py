@@ -9,6 +9,10 @@ Layout of one checkpoint, `RUN/checkpoints/step_00001000/`:
 The directory is written under a temporary name and renamed into place, so a `step_*` directory is
 always complete; older ones beyond `keep_last` are removed only after the new one exists. Loading
 checks the model config and every file, and explains how to recover when something is wrong.
+
+A *weights-only* checkpoint (state.json has `"weights_only": true`; written by `save_weights_checkpoint`,
+e.g. by `moedit convert`) has no trainer.safetensors: resuming from it starts a fresh optimizer and
+takes the RNG from the run's seed, at the checkpoint's step; sampling reads it like any other.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FILES = ("model.safetensors", "ema.safetensors", "trainer.safetensors", "state.json")
+WEIGHTS_ONLY_FILES = ("model.safetensors", "ema.safetensors", "state.json")
 
 
 class CheckpointError(RuntimeError):
@@ -86,6 +91,28 @@ def save_checkpoint(ckpt_root: Path, step: int, model, ema_model, optimizer, mod
     return final
 
 
+def save_weights_checkpoint(ckpt_root: Path, step: int, model_tensors: dict[str, torch.Tensor],
+                            ema_tensors: dict[str, torch.Tensor], model_config: dict,
+                            extra: dict | None = None) -> Path:
+    """A weights-only checkpoint (no trainer.safetensors; see the module docstring), e.g. a converted
+    model. Refuses to replace an existing step directory."""
+    final = step_dir(ckpt_root, step)
+    if final.exists():
+        raise CheckpointError(f"{final} already exists; choose another directory, nothing was changed")
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, tensors in (("model.safetensors", model_tensors), ("ema.safetensors", ema_tensors)):
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+    sizes = {name: (tmp / name).stat().st_size for name in WEIGHTS_ONLY_FILES[:2]}
+    state = {"step": step, "model_config": model_config, "weights_only": True, "file_sizes": sizes,
+             "ema_updates": 0, **(extra or {})}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    os.replace(tmp, final)
+    return final
+
+
 def _config_diff(a: dict, b: dict, prefix: str = "model") -> list[str]:
     diffs = []
     for key in sorted(set(a) | set(b)):
@@ -99,14 +126,17 @@ def _config_diff(a: dict, b: dict, prefix: str = "model") -> list[str]:
 
 def read_state(path: Path) -> dict:
     path = Path(path)
-    missing = [name for name in FILES if not (path / name).is_file()]
+    state = {}
+    if (path / "state.json").is_file():
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"checkpoint {path}/state.json is corrupt ({exc}); use an earlier checkpoint") from exc
+    needed = WEIGHTS_ONLY_FILES if state.get("weights_only") else FILES
+    missing = [name for name in needed if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
                               f"use an earlier checkpoint from {path.parent}")
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint {path}/state.json is corrupt ({exc}); use an earlier checkpoint") from exc
     for name, size in state.get("file_sizes", {}).items():
         actual = (path / name).stat().st_size
         if actual != size:
@@ -147,6 +177,8 @@ def load_weights(module: torch.nn.Module, path: Path, name: str) -> None:
 
 
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    if state.get("weights_only"):  # converted / imported weights: keep the fresh optimizer and seeded RNG
+        return
     tensors = load_tensors(path, "trainer.safetensors")
     opt_state: dict[int, dict] = {}
     for key, value in tensors.items():

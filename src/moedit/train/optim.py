@@ -2,8 +2,9 @@
 
 - No weight decay on biases, norm weights, embeddings' tables, RoPE/positions, router biases and
   any 1-D parameter: decaying them pulls scales and offsets to zero for no regularisation gain.
-- Parameters stay float32 (mixed precision is autocast only), so router and prototype updates are
-  never truncated to bf16 — see ROUTERS.md §7, the bf16 trap.
+- Parameters are float32 by default (mixed precision is autocast only), so router and prototype
+  updates are never truncated to bf16 — ROUTERS.md §7, the bf16 trap. With train.param_dtype=bf16 the
+  AdamW runs in float32 on work copies and rounds back into bf16 storage (train/bf16.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from moedit.config import TrainConfig
+from moedit.train.bf16 import Bf16StorageOptimizer
 
 
 _NO_DECAY_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.Embedding)
@@ -36,11 +38,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, seed: int = 0):
+    """AdamW; wrapped in a `Bf16StorageOptimizer` when any parameter is stored in bfloat16
+    (`seed` seeds its stochastic rounding)."""
     fused = device.type == "cuda"  # the fused kernel exists only on CUDA
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), fused=fused
-    )
+
+    def adamw(groups: list[dict]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
+
+    groups = param_groups(model, cfg.weight_decay)
+    if all(p.dtype != torch.bfloat16 for g in groups for p in g["params"]):
+        return adamw(groups)
+    return Bf16StorageOptimizer(groups, adamw, stochastic=cfg.stochastic_rounding, seed=seed)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

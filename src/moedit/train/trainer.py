@@ -6,7 +6,8 @@
     total  = loss + Σ_name train.aux_weights[name] · aux[name]   # the one place aux losses are weighted
     total.backward(); clip; optimizer.step(); router hooks (aux-free bias); EMA update
 
-Around it: warm-up, gradient accumulation, autocast (bf16 on CUDA, float32 on CPU), DDP under
+Around it: warm-up, gradient accumulation, autocast (bf16 on CUDA, float32 on CPU), parameter storage
+(train.param_dtype; train/bf16.py) with the bf16 lost-update monitor (diagnostics/precision.py), DDP under
 torchrun, a progress bar, metrics.jsonl, periodic sample grids and atomic checkpoints with exact resume.
 """
 
@@ -27,7 +28,10 @@ from moedit.generate import save_class_grid
 from moedit.models import build_model
 from moedit.objectives import build_objective
 from moedit.train import checkpoint as ckpt
+from moedit.diagnostics.monitor import build_monitor
+from moedit.diagnostics.precision import PrecisionMonitor
 from moedit.train.batches import BatchStream
+from moedit.train.bf16 import store_parameters
 from moedit.train.ema import EMA
 from moedit.train.metrics import MetricsWriter, routing_metrics
 from moedit.train.optim import build_optimizer, lr_at, set_lr
@@ -83,8 +87,11 @@ class Trainer:
         self.dataset = build_dataset(cfg.data)
         check_data_fits_model(cfg, self.dataset)
         self.model = build_model(cfg.model).to(self.device)
+        store_parameters(self.model, tc, self.amp_dtype)  # train.param_dtype (docs/PRECISION.md)
         self.ema = EMA(self.model, tc.ema_decay)
-        self.optimizer = build_optimizer(self.model, tc, self.device)
+        self.optimizer = build_optimizer(self.model, tc, self.device, seed=cfg.seed)
+        self.precision_monitor = PrecisionMonitor(self.model, tc.bf16_monitor_every,
+                                                  getattr(self.optimizer, "intended_value", None))
         self.objective = build_objective(cfg.objective)
         self.batches = BatchStream(self.dataset, tc.batch_size, cfg.seed, tc.grad_accum, self.dist.rank, self.dist.world)
         self.start_step = self._load(latest) if latest is not None else 0
@@ -93,6 +100,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, self.run_dir / "config.yaml")  # only now: the checkpoint and config fit
         self.metrics = MetricsWriter(self.run_dir, tc.tensorboard, enabled=self.dist.is_main)
+        self.routing_monitor = build_monitor(  # RUN/routing/ (docs/DIAGNOSTICS.md); a no-op for dense models
+            cfg, self.model, self.run_dir, self.start_step, is_main=self.dist.is_main,
+            reduce_fn=all_reduce_sum if self.dist.enabled else None, log=tqdm.write)
 
     def _check_run_dir(self, resume: bool) -> Path | None:
         existing = ckpt.list_checkpoints(self.ckpt_root)
@@ -158,12 +168,15 @@ class Trainer:
             if not torch.isfinite(total):
                 self._fail_non_finite(step, loss, aux)
             (total / tc.grad_accum).backward()
+            self.routing_monitor.observe_model(self.model)  # device-side counts only (docs/DIAGNOSTICS.md)
             logs["loss"] = logs.get("loss", 0.0) + loss.item() / tc.grad_accum
             for name, value in aux.items():
                 logs[f"aux/{name}"] = logs.get(f"aux/{name}", 0.0) + value.item() / tc.grad_accum
         if tc.grad_clip is not None:
             logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
+        self.precision_monitor.before_step(step)  # snapshots the weights every bf16_monitor_every steps
         self.optimizer.step()
+        self.precision_monitor.after_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.after_optimizer_step(all_reduce_sum if self.dist.enabled else None)
         self.ema.update(self.model)
@@ -200,12 +213,15 @@ class Trainer:
                 window[key] = window.get(key, 0.0) + value
             window_n += 1
             done = step + 1
+            self.routing_monitor.end_step(done)
             if done % tc.log_every == 0 or done == tc.steps:
                 avg = {k: v / window_n for k, v in window.items()}
                 elapsed = time.perf_counter() - t0
                 avg.update(lr=lr_at(step, tc), img_per_s=seen / elapsed, elapsed_s=elapsed)
                 avg.update(routing_metrics(self.model))
+                avg.update(self.precision_monitor.read())
                 self.metrics.write(done, avg)
+                self.routing_monitor.flush()  # the one host transfer of the routing record per log step
                 bar.set_postfix(loss=f"{avg['loss']:.4f}")
                 window, window_n = {}, 0
             if tc.sample_every and done % tc.sample_every == 0 and done != tc.steps:
@@ -214,6 +230,7 @@ class Trainer:
                 self.save(done)
         bar.close()
         wall = time.perf_counter() - t0
+        self.routing_monitor.close()  # last record, RUN/routing/summary.json, findings printed
         if self.start_step < tc.steps:  # a finished run resumed with nothing to do keeps its checkpoint
             self.save(tc.steps)
         grid = self.write_samples("final")

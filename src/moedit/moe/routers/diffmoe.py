@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moedit.config import RouterConfig
-from moedit.moe.gates import Gate, score
+from moedit.moe.gates import Gate, linear_f32, score
 from moedit.moe.losses import router_z_loss
 from moedit.moe.routers.expert_choice import expert_capacity
 from moedit.moe.routing import Routing, RoutingContext
@@ -44,7 +44,7 @@ class CapacityPredictor(nn.Module):
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         # float32 outside autocast, like the gate; detached input: the BCE trains the predictor only
         with torch.autocast(x_ND.device.type, enabled=False):
-            return self.fc2(F.gelu(self.fc1(x_ND.detach().float())))
+            return linear_f32(self.fc2, F.gelu(linear_f32(self.fc1, x_ND.detach())))
 
 
 class DiffMoERouter(nn.Module):

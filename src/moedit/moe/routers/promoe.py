@@ -69,7 +69,7 @@ class ProMoERouter(nn.Module):
     def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> Routing:
         N, E, k = x_ND.shape[0], self.num_experts, self.cfg.top_k
         with torch.autocast(x_ND.device.type, enabled=False):  # routing math in float32
-            cos_NE = F.normalize(x_ND.float(), dim=-1) @ F.normalize(self.prototypes_ED, dim=-1).T
+            cos_NE = F.normalize(x_ND.float(), dim=-1) @ F.normalize(self.prototypes_ED.float(), dim=-1).T
         weights_NE = score(cos_NE, self.cfg.score)
         uncond_N = self.unconditional_N(ctx, x_ND.device)
         cond_token_C = (~uncond_N).nonzero().squeeze(1)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from moedit.config import RouterConfig
-from moedit.moe.gates import Gate, score
+from moedit.moe.gates import Gate, linear_f32, score
 from moedit.moe.losses import router_z_loss
 from moedit.moe.routing import Routing, RoutingContext
 from moedit.moe.threshold import StepThreshold
@@ -87,7 +87,7 @@ class RaceRouter(nn.Module):
         aux = {"similarity": router_similarity(logits_NE, mask_NE), "z": router_z_loss(logits_NE)}
         if self.target_head is not None and ctx.target_BLP is not None:
             with torch.autocast(x_ND.device.type, enabled=False):
-                predicted_NP = self.target_head(features_NF)
+                predicted_NP = linear_f32(self.target_head, features_NF)
             target_NP = ctx.target_BLP.reshape(N, -1).float()
             aux["plr"] = (predicted_NP - target_NP).square().mean()
         return Routing(

@@ -1,0 +1,1 @@
+"""Training diagnostics: routing time series, failure detectors, bf16 update underflow."""

@@ -1,0 +1,232 @@
+"""The routing record: an append-only binary time series in RUN/routing/, readable with numpy memmap.
+
+    routing/header.json   the layout: record and token dtypes (numpy field lists), the MoE layers'
+                          block indices, expert count, timestep bucket edges, class slot names
+    routing/records.bin   one fixed-size record per `diagnostics.every` optimizer steps, appended
+    routing/tokens.bin    sampled raw token decisions, one fixed-size row per (token, layer), appended
+    routing/events.jsonl  detector events (deadlock / saturation start and end), one JSON per line
+    routing/summary.json  the detectors' end-of-training summary
+
+Shape legend for the record fields: Y MoE layers (in block order), E routed experts, T timestep
+buckets, C class slots (labels 0..c−1, then "other" when the label set is capped, then "null"),
+J = E + 1 fan-out bins (tokens with 0..E experts), K token slots. Every float field is a *sum* over
+the record's steps, micro-batches and data-parallel ranks, so records add up and are all-reduced
+with one SUM; means are formed when read (`tokens`, `probes` are the denominators).
+
+Records are in step order; resuming at step s truncates both .bin files to the rows with step ≤ s
+and events.jsonl to the events detected at step ≤ s, then appends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "moedit-routing"
+VERSION = 1
+TOKEN_SLOTS = 8  # a sampled token keeps its K = min(E, 8) highest-weight experts (race may give it E)
+
+
+class DiagnosticsError(RuntimeError):
+    """A run directory cannot be diagnosed; the message says why and what to do."""
+
+
+def record_fields(Y: int, E: int, T: int, C: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, numpy type, shape) of one record; see the module docstring for the legend."""
+    f4 = "<f4"
+    return [
+        ("step", "<i4", ()),  # last optimizer step in the record (1-based, as metrics.jsonl)
+        ("steps", "<i4", ()),  # optimizer steps summed into it
+        ("tokens", f4, ()),  # tokens routed per layer
+        ("tokens_T", f4, (T,)),
+        ("tokens_C", f4, (C,)),
+        ("load_YE", f4, (Y, E)),  # assignments (token, expert) per expert
+        ("load_YTE", f4, (Y, T, E)),
+        ("load_YCE", f4, (Y, C, E)),
+        ("top1_YE", f4, (Y, E)),  # tokens whose highest raw score is expert e
+        ("fanout_YJ", f4, (Y, E + 1)),  # tokens that got j experts, j = 0..E
+        ("entropy_Y", f4, (Y,)),  # Σ over tokens of the normalised score entropy
+        ("entropy_YT", f4, (Y, T)),
+        ("weight_Y", f4, (Y,)),  # Σ over assignments of the combine weight
+        ("probe_cos_Y", f4, (Y,)),  # Σ over probes of the experts' mean pairwise output cosine
+        ("probes", f4, ()),  # probes summed (0 in a record without one)
+    ]
+
+
+def token_fields(K: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [
+        ("step", "<i4", ()), ("layer", "<i4", ()), ("sample", "<i4", ()), ("position", "<i4", ()),
+        ("t", "<f4", ()), ("label", "<i4", ()),
+        ("count", "<i4", ()),  # experts the token got (may exceed K; the K highest weights are kept)
+        ("expert_K", "<i4", (K,)),  # −1 = empty slot
+        ("weight_K", "<f4", (K,)),
+    ]
+
+
+def to_dtype(fields: list) -> np.dtype:
+    return np.dtype([(name, kind, tuple(shape)) for name, kind, shape in fields])
+
+
+def make_header(blocks: list[int], depth: int, num_experts: int, score_kinds: list[str], t_buckets: int,
+                num_classes: int, class_slots: list[str], every: int, token_slots: int) -> dict:
+    Y, E, T, C = len(blocks), num_experts, t_buckets, len(class_slots)
+    return {
+        "format": FORMAT, "version": VERSION,
+        "blocks": blocks, "depth": depth, "num_experts": E, "score_kinds": score_kinds,
+        "t_edges": [i / T for i in range(T + 1)], "num_classes": num_classes, "class_slots": class_slots,
+        "every": every,
+        "record_fields": [[n, k, list(s)] for n, k, s in record_fields(Y, E, T, C)],
+        "token_fields": [[n, k, list(s)] for n, k, s in token_fields(token_slots)],
+    }
+
+
+def _read_rows(path: Path, dtype: np.dtype) -> np.ndarray:
+    """Every whole row of `path` as a read-only memmap (an empty array for a missing or empty file)."""
+    rows = path.stat().st_size // dtype.itemsize if path.exists() else 0
+    if rows == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(rows,))
+
+
+def _truncate_rows(path: Path, dtype: np.dtype, keep_through_step: int) -> None:
+    rows = _read_rows(path, dtype)
+    keep = int(np.searchsorted(rows["step"], keep_through_step, side="right")) if len(rows) else 0
+    del rows  # release the memmap before truncating its file
+    if path.exists():
+        os.truncate(path, keep * dtype.itemsize)  # also drops a partial row left by a crash
+
+
+def _truncate_events(path: Path, keep_through_step: int) -> None:
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= keep_through_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class RecordWriter:
+    """Appends records and token rows (rank 0 only). Opening continues a run's record: rows after
+    `start_step` are dropped (a resumed run repeats them); a record of another layout is moved aside."""
+
+    def __init__(self, directory: Path, header: dict, start_step: int, log=print):
+        self.dir = Path(directory)
+        self.record_dtype = to_dtype(header["record_fields"])
+        self.token_dtype = to_dtype(header["token_fields"])
+        header_path = self.dir / "header.json"
+        if header_path.exists() and json.loads(header_path.read_text()) != header:
+            aside = self.dir.with_name(f"routing.before_step_{start_step}")
+            while aside.exists():  # resumed at the same step before: keep every earlier record
+                aside = aside.with_name(aside.name + "_")
+            log(f"routing monitor: {self.dir} has another layout (diagnostics or model settings changed); "
+                f"moved it to {aside} and started a new record")
+            os.replace(self.dir, aside)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        header_path.write_text(json.dumps(header, indent=1))
+        _truncate_rows(self.records_path, self.record_dtype, start_step)
+        _truncate_rows(self.tokens_path, self.token_dtype, start_step)
+        _truncate_events(self.events_path, start_step)
+
+    @property
+    def records_path(self) -> Path:
+        return self.dir / "records.bin"
+
+    @property
+    def tokens_path(self) -> Path:
+        return self.dir / "tokens.bin"
+
+    @property
+    def events_path(self) -> Path:
+        return self.dir / "events.jsonl"
+
+    def existing_records(self) -> np.ndarray:
+        return _read_rows(self.records_path, self.record_dtype)
+
+    def append(self, records: np.ndarray, tokens: np.ndarray | None = None) -> None:
+        with self.records_path.open("ab") as f:
+            f.write(np.ascontiguousarray(records, self.record_dtype).tobytes())
+        if tokens is not None and len(tokens):
+            with self.tokens_path.open("ab") as f:
+                f.write(np.ascontiguousarray(tokens, self.token_dtype).tobytes())
+
+    def append_events(self, events: list[dict]) -> None:
+        if events:
+            with self.events_path.open("a") as f:
+                f.writelines(json.dumps(e) + "\n" for e in events)
+
+    def write_summary(self, summary: dict) -> None:
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+class RoutingRecord:
+    """A run's routing record, read back: header, records and tokens (memmaps), events, summary."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir) / "routing"
+        header_path = self.dir / "header.json"
+        if not header_path.exists():
+            raise DiagnosticsError(
+                f"{run_dir} has no routing record ({header_path} is missing). The monitor records MoE runs "
+                "trained with diagnostics.monitor=true (the default); train with it on, e.g. "
+                "`moedit train -c configs/quickstart.yaml --set diagnostics.monitor=true`.")
+        self.header = json.loads(header_path.read_text())
+        if self.header.get("format") != FORMAT or self.header.get("version") != VERSION:
+            raise DiagnosticsError(f"{header_path} is not a {FORMAT} v{VERSION} header; this moedit cannot read it")
+        self.records = _read_rows(self.dir / "records.bin", to_dtype(self.header["record_fields"]))
+        self.tokens = _read_rows(self.dir / "tokens.bin", to_dtype(self.header["token_fields"]))
+        events_path, summary_path = self.dir / "events.jsonl", self.dir / "summary.json"
+        self.events = ([json.loads(line) for line in events_path.read_text().splitlines() if line.strip()]
+                       if events_path.exists() else [])
+        self.summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+
+    @property
+    def blocks(self) -> list[int]:
+        return self.header["blocks"]
+
+
+# ----------------------------------------------------------------------------- derived series
+
+
+def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    den = np.asarray(den, dtype=np.float64)
+    return np.divide(num, den, out=np.full(np.broadcast(num, den).shape, np.nan), where=den > 0)
+
+
+def top1_share_RY(records: np.ndarray) -> np.ndarray:
+    """Share of tokens whose highest-scoring expert is the layer's most chosen one (deadlock ≥ 0.9)."""
+    top1 = records["top1_YE"].astype(np.float64)
+    return ratio(top1.max(-1), top1.sum(-1))
+
+
+def load_share_RYE(records: np.ndarray) -> np.ndarray:
+    load = records["load_YE"].astype(np.float64)
+    return ratio(load, load.sum(-1, keepdims=True))
+
+
+def minority_share_RY(records: np.ndarray) -> np.ndarray:
+    """Share of the assignments taken by the least-loaded expert (0 when an expert got none)."""
+    return load_share_RYE(records).min(-1)
+
+
+def entropy_RY(records: np.ndarray) -> np.ndarray:
+    return ratio(records["entropy_Y"], records["tokens"][:, None])
+
+
+def probe_cos_RY(records: np.ndarray) -> np.ndarray:
+    """Mean pairwise cosine of the experts' outputs; NaN in records without a probe."""
+    return ratio(records["probe_cos_Y"], records["probes"][:, None])
+
+
+def weight_mean_RY(records: np.ndarray) -> np.ndarray:
+    return ratio(records["weight_Y"], records["load_YE"].sum(-1))
+
+
+def experts_per_token_RY(records: np.ndarray) -> np.ndarray:
+    return ratio(records["load_YE"].sum(-1), records["tokens"][:, None])
+
+
+def zero_expert_share_RY(records: np.ndarray) -> np.ndarray:
+    """Share of tokens that got no routed expert (expert choice, race and DiffMoE allow it)."""
+    return ratio(records["fanout_YJ"][..., 0], records["tokens"][:, None])

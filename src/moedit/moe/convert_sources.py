@@ -1,0 +1,149 @@
+"""Dense sources for conversion: a moedit run or checkpoint directory, or a facebookresearch/DiT file.
+
+- moedit: `RUN/` (its latest checkpoint) or `RUN/checkpoints/step_N/`; EMA weights unless `raw`; the
+  dense ModelConfig is the checkpoint's own (state.json), the other run settings come from RUN/config.yaml.
+- facebookresearch/DiT (arXiv 2212.09748, github.com/facebookresearch/DiT models.py): a .pt/.pth or
+  .safetensors state dict — or their training checkpoint {"model", "ema", "opt", "args"} (EMA unless
+  `raw`). The config is read off the shapes:
+      width D, in_channels C, patch p   x_embedder.proj.weight (D, C, p, p)
+      depth                             number of blocks.N
+      num_classes                       embedding_table rows − 1 (the last row is the null class)
+      mlp_ratio                         blocks.0.mlp.fc1.weight rows / D
+      image size                        √L · p from pos_embed (1, L, D)
+      out channels                      final_layer.linear rows / p² (2·C with learned sigma)
+  Heads cannot be read off the weights: `heads` or the DiT preset of that width (S 6, B 12, L 16, XL 16).
+  Their pos_embed (get_2d_sincos_pos_embed) puts the column coordinate in the first half of the
+  channels: moedit's `sincos_wh`; it is checked against the table (error if it fits neither layout).
+  Their timestep embedding is moedit's with t_DiT = 1000·t; their DDPM (linear β, 1000 steps, ε) is
+  moedit's `ddpm` objective, whose model time for step n is (n + 1)/1000 — one step off DiT's n.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from moedit.config import ConfigError, ModelConfig, from_dict, load_yaml
+from moedit.models.embed import sincos_2d
+from moedit.models.presets import MODEL_PRESETS
+from moedit.moe.convert_keys import ConversionError
+from moedit.train import checkpoint as ckpt
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+LEARN_SIGMA = ("keep", "drop")
+# facebookresearch/DiT's training defaults that the weights do not record
+DIT_RUN_DEFAULTS = {"objective": {"name": "ddpm", "beta_schedule": "linear", "ddpm_steps": 1000},
+                    "sample": {"sampler": "ddpm", "steps": 250}, "data": {"name": "npz"}}
+
+
+@dataclass
+class DenseSource:
+    state: dict[str, torch.Tensor]
+    model: ModelConfig
+    run_config: dict = field(default_factory=dict)  # the other sections of the output run config
+    description: str = ""
+
+
+def dit_heads_by_width() -> dict[int, int]:
+    return {p["width"]: p["heads"] for name, p in MODEL_PRESETS.items() if name.startswith("DiT-")}
+
+
+def load_source(path: str | Path, raw: bool = False, heads: int | None = None) -> DenseSource:
+    path = Path(path)
+    if path.is_dir():
+        return _moedit_source(path, raw)
+    if path.is_file() and (path.suffix in TORCH_SUFFIXES or path.suffix == ".safetensors"):
+        state, what = _read_state_file(path, raw)
+        return DenseSource(state, dit_model_config(state, heads), DIT_RUN_DEFAULTS, f"facebookresearch/DiT {what} {path}")
+    raise ConfigError(f"{path} is neither a moedit run/checkpoint directory nor a .pt/.pth/.safetensors file")
+
+
+def _moedit_source(path: Path, raw: bool) -> DenseSource:
+    if (path / "state.json").is_file():
+        ckpt_dir, run_dir = path, path.parent.parent
+    elif (path / "config.yaml").is_file():
+        found = ckpt.list_checkpoints(path / "checkpoints")
+        if not found:
+            raise ConfigError(f"{path} has no checkpoints yet; train it first (moedit train ...)")
+        ckpt_dir, run_dir = found[-1], path
+    else:
+        raise ConfigError(f"{path} is not a moedit run directory (no config.yaml) or checkpoint directory "
+                          "(no state.json)")
+    state = ckpt.read_state(ckpt_dir)
+    model = from_dict({"model": state["model_config"]}).model
+    name = "model.safetensors" if raw else "ema.safetensors"
+    run_config = load_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+    description = f"moedit checkpoint {ckpt_dir} ({'raw' if raw else 'EMA'} weights)"
+    return DenseSource(ckpt.load_tensors(ckpt_dir, name), model, run_config, description)
+
+
+def _read_state_file(path: Path, raw: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, what it was): a plain state dict, or one set of weights of a training checkpoint."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path)), "state dict"
+    try:  # weights_only: a pickle is code; DiT's training checkpoints also hold an argparse Namespace
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise ConversionError(f"{path} cannot be read as a tensor-only checkpoint ({exc}); re-save its state dict "
+                              "alone, e.g. torch.save(ckpt['ema'], 'ema.pt')") from exc
+    what = "state dict"
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict) and isinstance(obj.get("model"), dict):
+        obj, what = obj["model" if raw else "ema"], f"training checkpoint ({'raw' if raw else 'EMA'} weights)"
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConversionError(f"{path} does not hold a state dict (name -> tensor)")
+    return obj, what
+
+
+def _require(state: dict, key: str) -> torch.Tensor:
+    if key not in state:
+        raise ConversionError(f"the checkpoint has no {key}: it is not a facebookresearch/DiT state dict "
+                              "(for a moedit model pass its run directory)")
+    return state[key]
+
+
+def dit_model_config(state: dict[str, torch.Tensor], heads: int | None = None) -> ModelConfig:
+    """The dense ModelConfig of a facebookresearch/DiT state dict (module docstring)."""
+    width, channels, patch, _ = _require(state, "x_embedder.proj.weight").shape
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    hidden = _require(state, "blocks.0.mlp.fc1.weight").shape[0]
+    pos = _require(state, "pos_embed")
+    grid = math.isqrt(pos.shape[-2])
+    if grid * grid != pos.shape[-2]:
+        raise ConversionError(f"pos_embed has {pos.shape[-2]} positions, not a square grid")
+    out = _require(state, "final_layer.linear.weight").shape[0] // (patch * patch)
+    if heads is None:
+        heads = dit_heads_by_width().get(width)
+        if heads is None:
+            raise ConfigError(f"width {width} is not a DiT preset width ({sorted(dit_heads_by_width())}); "
+                              "attention heads cannot be read off the weights: pass --heads")
+    model = dict(image_size=grid * patch, in_channels=channels, patch_size=patch, width=width, depth=depth,
+                 heads=heads, num_classes=_require(state, "y_embedder.embedding_table.weight").shape[0] - 1,
+                 class_dropout=0.1, pos_embed=_pos_layout(pos, width, grid), ffn="mlp", mlp_ratio=hidden / width,
+                 out_channels=out if out != channels else None)
+    return from_dict({"model": model}).model
+
+
+def _pos_layout(pos: torch.Tensor, width: int, grid: int, tolerance: float = 1e-4) -> str:
+    """sincos_wh (DiT's get_2d_sincos_pos_embed) or sincos, whichever table the checkpoint holds."""
+    errors = {}
+    for name in ("sincos_wh", "sincos"):
+        table = sincos_2d(width, grid, columns_first=name == "sincos_wh")
+        errors[name] = (pos.reshape(table.shape).float() - table).abs().max().item()
+        if errors[name] <= tolerance:
+            return name
+    raise ConversionError(f"pos_embed is not a fixed 2-D sin-cos table (max deviation {errors}); "
+                          "a learned or other table has no moedit equivalent")
+
+
+def output_channels(dense: ModelConfig, learn_sigma: str) -> int | None:
+    """model.out_channels of the converted model: the dense one's (`keep`) or in_channels (`drop`)."""
+    if learn_sigma not in LEARN_SIGMA:
+        raise ConfigError(f"learn_sigma={learn_sigma!r} is unknown; choose one of: {', '.join(LEARN_SIGMA)}")
+    return dense.out_channels if learn_sigma == "keep" else None

@@ -1,0 +1,391 @@
+"""Dense → MoE conversion: exactness per router, the Three Laws, fine-grained splits, the key map's
+errors, the facebookresearch/DiT import (pos-embed layout, timestep scale, learned sigma) checked
+against a reference forward written here from their models.py, and the CLI end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from moedit.cli.main import main as cli_main
+from moedit.config import ConfigError, apply_overrides, from_dict, load_yaml
+from moedit.models import build_model
+from moedit.models.embed import sincos_2d, timestep_features
+from moedit.moe.convert import build_dense, convert_dense, verify_conversion
+from moedit.moe.convert_keys import ConversionError
+from moedit.moe.convert_sources import dit_model_config, load_source
+from moedit.train import checkpoint as ckpt
+from moedit.train.trainer import Trainer
+
+TOL = 1e-5
+MICRO = dict(preset="micro", image_size=8, patch_size=2, num_classes=5)  # width 32, depth 2, heads 2, hidden 128
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Micro models: a second intra-op thread only spins (measured: 4x the CPU time on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def dense_model(seed: int = 0, **model):
+    """A dense micro DiT whose every parameter is random (adaLN-Zero and the zero output layer too),
+    so that every mapped tensor, biases included, changes the output."""
+    cfg = from_dict({"model": {**MICRO, **model}}).model
+    torch.manual_seed(seed)
+    dense = build_model(cfg)
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            if "adaLN" in name or "final_layer" in name or name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return dense.eval()
+
+
+def moe(num_experts=4, expert_ratio=4.0, num_shared=0, placement="all", **router):
+    return dict(num_experts=num_experts, expert_ratio=expert_ratio, num_shared=num_shared, placement=placement,
+                router=router)
+
+
+def convert_and_verify(dense, moe_settings, **kw):
+    kw.setdefault("shared_init", "zero")
+    model, _ = convert_dense(dense, dense.cfg, moe_settings, **kw)
+    return model, verify_conversion(dense, model)
+
+
+# ----------------------------------------------------------------------------- exactness per router
+
+
+@pytest.mark.parametrize("settings", [
+    moe(name="topk", top_k=1, normalize=True),
+    moe(name="topk", top_k=2, normalize=True),
+    moe(name="topk", top_k=2, normalize=True, score="sigmoid", num_shared=1),
+    moe(name="topk", top_k=4, score="softmax"),  # all experts kept: the softmax sums to 1
+    moe(name="promoe", top_k=4, score="softmax", num_shared=1),
+    moe(name="expert_choice", capacity=4.0),
+    moe(name="topk", top_k=2, normalize=True, selection_bias=True, placement="interleaved"),
+], ids=["top1", "top2-softmax-norm", "top2-sigmoid-norm-shared", "softmax-all", "promoe-softmax-all",
+        "expert-choice-full", "interleaved-bias"])
+def test_exact_configurations_reproduce_the_dense_model(settings):
+    _, report = convert_and_verify(dense_model(), settings)
+    assert report["exact_expected"], report["reason"]
+    assert report["max_abs"] <= TOL and report["output_max_abs"] > 0.1
+    assert report["null_label_samples"] == 4
+
+
+def test_swiglu_conversion_is_exact():
+    _, report = convert_and_verify(dense_model(ffn="swiglu", mlp_ratio=8 / 3), moe(top_k=2, normalize=True,
+                                                                                    expert_ratio=8 / 3))
+    assert report["exact_expected"] and report["max_abs"] <= TOL
+
+
+@pytest.mark.parametrize("settings, words", [
+    (moe(name="topk", top_k=2), "normalize"),
+    (moe(name="race", top_k=2), "threshold"),
+    (moe(name="diffmoe", top_k=1), "capacity predictor"),
+    (moe(name="expert_choice", top_k=2), "0..E experts"),
+    (moe(name="topk", top_k=2, normalize=True, scale=2.5), "scale"),
+])
+def test_inexact_routers_are_reported_with_a_reason(settings, words):
+    _, report = convert_and_verify(dense_model(), settings)
+    assert not report["exact_expected"] and words in report["reason"]
+    assert report["max_abs"] > 1e-3  # and the measured error is still reported
+
+
+def test_promoe_null_label_tokens_go_to_an_exact_unconditional_expert():
+    dense = dense_model()
+    model, report = convert_and_verify(dense, moe(name="promoe", top_k=1, num_shared=1))  # the paper's routing
+    assert not report["exact_expected"] and "null-label tokens are exact" in report["reason"]
+    assert report["max_abs_null_label"] <= TOL < report["max_abs_labelled"]
+    experts = model.blocks[0].moe.experts
+    assert experts.num_experts == 5  # 4 routed + the unconditional one, also a copy
+    assert torch.equal(experts.w1_EDH[4], dense.blocks[0].mlp.fc1.weight.T)
+
+
+def test_fine_grained_split_is_exact_with_uniform_gates_only():
+    dense = dense_model()
+    split = moe(num_experts=4, expert_ratio=1.0, top_k=4, normalize=True)  # 4 slices of hidden 32
+    model, report = convert_and_verify(dense, split, gate_init="zero")
+    assert report["exact_expected"] and report["max_abs"] <= TOL, report
+    experts, mlp = model.blocks[1].moe.experts, dense.blocks[1].mlp
+    assert torch.equal(experts.w1_EDH[2], mlp.fc1.weight.T[:, 64:96])
+    assert torch.equal(experts.b1_EH[2], mlp.fc1.bias[64:96])
+    assert torch.allclose(experts.w2_EHD[2], 4 * mlp.fc2.weight.T[64:96])
+    assert torch.equal(experts.b2_ED[3], mlp.fc2.bias)
+    _, random_gate = convert_and_verify(dense, split)
+    assert not random_gate["exact_expected"] and "1/4" in random_gate["reason"]
+    _, replicated = convert_and_verify(dense, moe(num_experts=8, expert_ratio=1.0, top_k=4, normalize=True),
+                                       gate_init="zero")
+    assert not replicated["exact_expected"] and "num_experts = top_k = 4" in replicated["reason"]
+
+
+# ----------------------------------------------------------------------------- the Three Laws
+
+
+def test_experts_are_copies_and_only_routers_are_random():
+    dense = dense_model()
+    settings = moe(name="topk", top_k=2, normalize=True, num_shared=1)
+    a, _ = convert_dense(dense, dense.cfg, settings, seed=0)
+    b, _ = convert_dense(dense, dense.cfg, settings, seed=1)
+    for model in (a, b):
+        for i, block in enumerate(model.blocks):
+            mlp = dense.blocks[i].mlp
+            for e in range(4):
+                assert torch.equal(block.moe.experts.w1_EDH[e], mlp.fc1.weight.T)
+                assert torch.equal(block.moe.experts.w2_EHD[e], mlp.fc2.weight.T)
+            assert torch.equal(block.attn.qkv.weight, dense.blocks[i].attn.qkv.weight)
+    gate_a, gate_b = a.blocks[0].moe.router.gate.net.head.weight, b.blocks[0].moe.router.gate.net.head.weight
+    assert not torch.equal(gate_a, gate_b)
+    pa, _ = convert_dense(dense, dense.cfg, moe(name="promoe", top_k=1), seed=0)
+    pb, _ = convert_dense(dense, dense.cfg, moe(name="promoe", top_k=1), seed=1)
+    assert not torch.equal(pa.blocks[0].moe.router.prototypes_ED, pb.blocks[0].moe.router.prototypes_ED)
+    again, _ = convert_dense(dense, dense.cfg, settings, seed=0)
+    assert torch.equal(again.blocks[0].moe.router.gate.net.head.weight, gate_a)  # the seed decides
+
+
+def test_shared_experts_zero_or_tiny_noise():
+    dense = dense_model()
+    settings = moe(top_k=2, normalize=True, num_shared=1)
+    zero, _ = convert_dense(dense, dense.cfg, settings, shared_init="zero")
+    assert all(bool((p == 0).all()) for p in zero.blocks[0].moe.shared.parameters())
+    noisy, _ = convert_dense(dense, dense.cfg, settings, shared_init="noise", noise_std=1e-4)
+    shared = noisy.blocks[0].moe.shared
+    for w in (shared.w1_EDH, shared.w2_EHD):
+        assert 0.8e-4 < w.std().item() < 1.2e-4 and abs(w.mean().item()) < 1e-5
+    assert bool((shared.b1_EH == 0).all()) and bool((shared.b2_ED == 0).all())
+    report = verify_conversion(dense, noisy)
+    assert not report["exact_expected"] and "noise" in report["reason"]
+
+
+# ----------------------------------------------------------------------------- key map errors
+
+
+def test_unmapped_missing_and_misshapen_keys_are_listed():
+    dense = dense_model()
+    state = dict(dense.state_dict())
+    state["blocks.0.extra.weight"] = torch.zeros(3)
+    state["blocks.1.mlp.fc1.weight"] = torch.zeros(100, 32)
+    del state["blocks.0.attn.proj.bias"]
+    with pytest.raises(ConversionError) as err:
+        convert_dense(state, dense.cfg, moe(top_k=2, normalize=True))
+    text = str(err.value)
+    assert "blocks.0.extra.weight" in text and "no row of the key map" in text
+    assert "blocks.1.mlp.fc1.weight (100, 32)" in text and "blocks.1.moe.experts.w1_EDH" in text
+    assert "blocks.0.attn.proj.bias" in text and "does not provide" in text
+
+
+def test_config_transform_errors():
+    dense = dense_model()
+    with pytest.raises(ConversionError, match="must divide"):
+        convert_dense(dense, dense.cfg, moe(expert_ratio=3.0))
+    with pytest.raises(ConversionError, match="multiple of 4"):
+        convert_dense(dense, dense.cfg, moe(num_experts=6, expert_ratio=1.0))
+    other = from_dict({"model": {**MICRO, "ffn": "swiglu", "moe": moe()}}).model
+    with pytest.raises(ConversionError, match="model.ffn"):
+        convert_dense(dense, dense.cfg, other)
+    moe_source = from_dict({"model": {**MICRO, "moe": moe()}}).model
+    with pytest.raises(ConversionError, match="already a MoE"):
+        convert_dense(dense, moe_source, moe())
+    with pytest.raises(ConversionError, match="prototypes"):
+        convert_dense(dense, dense.cfg, moe(name="promoe"), gate_init="zero")
+
+
+# ----------------------------------------------------------------------------- facebookresearch/DiT
+
+
+def dit_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """get_2d_sincos_pos_embed of facebookresearch/DiT models.py, transcribed."""
+    def one_d(dim, pos):
+        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+        out = np.einsum("m,d->md", pos.reshape(-1), 1.0 / 10000 ** omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])  # w goes first
+    return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+
+
+def dit_timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def dit_state_dict(D=32, depth=2, C=4, p=2, grid=4, classes=5, learn_sigma=True, seed=0) -> dict:
+    """A facebookresearch/DiT state dict by hand: their names and shapes, random weights."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen) * 0.1
+
+    out = 2 * C if learn_sigma else C
+    sd = {"x_embedder.proj.weight": rand(D, C, p, p), "x_embedder.proj.bias": rand(D),
+          "pos_embed": torch.from_numpy(dit_pos_embed(D, grid)).float()[None],
+          "t_embedder.mlp.0.weight": rand(D, 256), "t_embedder.mlp.0.bias": rand(D),
+          "t_embedder.mlp.2.weight": rand(D, D), "t_embedder.mlp.2.bias": rand(D),
+          "y_embedder.embedding_table.weight": rand(classes + 1, D),
+          "final_layer.linear.weight": rand(p * p * out, D), "final_layer.linear.bias": rand(p * p * out),
+          "final_layer.adaLN_modulation.1.weight": rand(2 * D, D), "final_layer.adaLN_modulation.1.bias": rand(2 * D)}
+    for i in range(depth):
+        for name, shape in (("attn.qkv", (3 * D, D)), ("attn.proj", (D, D)), ("mlp.fc1", (4 * D, D)),
+                            ("mlp.fc2", (D, 4 * D)), ("adaLN_modulation.1", (6 * D, D))):
+            sd[f"blocks.{i}.{name}.weight"], sd[f"blocks.{i}.{name}.bias"] = rand(*shape), rand(shape[0])
+    return sd
+
+
+def dit_reference_forward(sd, x, t_int, y, heads, p):
+    """facebookresearch/DiT's DiT.forward (timm PatchEmbed, Attention, Mlp), transcribed for a state dict."""
+    def lin(h, name):
+        return F.linear(h, sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+    def modulate(h, shift, scale):
+        return F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p).flatten(2).transpose(1, 2)
+    h = h + sd["pos_embed"]
+    c = lin(F.silu(lin(dit_timestep_embedding(t_int), "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    c = c + sd["y_embedder.embedding_table.weight"][y]
+    B, N, D = h.shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(depth):
+        s1, sc1, g1, s2, sc2, g2 = lin(F.silu(c), f"blocks.{i}.adaLN_modulation.1").chunk(6, dim=1)
+        q, k, v = lin(modulate(h, s1, sc1), f"blocks.{i}.attn.qkv").reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+        h = h + g1[:, None] * lin(attn.transpose(1, 2).reshape(B, N, D), f"blocks.{i}.attn.proj")
+        mlp = lin(F.gelu(lin(modulate(h, s2, sc2), f"blocks.{i}.mlp.fc1"), approximate="tanh"), f"blocks.{i}.mlp.fc2")
+        h = h + g2[:, None] * mlp
+    shift, scale = lin(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
+    out = lin(modulate(h, shift, scale), "final_layer.linear")
+    g = int(N ** 0.5)
+    out = torch.einsum("nhwpqc->nchpwq", out.reshape(B, g, g, p, p, -1))
+    return out.reshape(B, -1, g * p, g * p)
+
+
+def test_dit_pos_embed_is_columns_first_and_sincos_is_unchanged():
+    table = torch.from_numpy(dit_pos_embed(32, 4)).float()
+    assert torch.allclose(sincos_2d(32, 4, columns_first=True), table, atol=1e-6)
+    assert torch.allclose(sincos_2d(32, 4), torch.cat([table[:, 16:], table[:, :16]], 1), atol=1e-6)
+    assert not torch.allclose(sincos_2d(32, 4), table, atol=1e-2)
+
+
+def test_timestep_features_are_dits_at_1000t():
+    n = torch.tensor([0, 125, 250, 500, 875])  # 1000 · (n/1000) is exact in float32 for these
+    assert torch.equal(timestep_features(n / 1000, 256), dit_timestep_embedding(n))
+    n = torch.arange(0, 1000, 37)
+    assert torch.allclose(timestep_features(n / 1000, 256), dit_timestep_embedding(n), atol=1e-3)
+
+
+def test_dit_import_matches_their_forward_and_converts_exactly():
+    sd = dit_state_dict()
+    dense_cfg = dit_model_config(sd, heads=2)
+    assert (dense_cfg.width, dense_cfg.depth, dense_cfg.image_size, dense_cfg.in_channels) == (32, 2, 8, 4)
+    assert (dense_cfg.out_channels, dense_cfg.num_classes, dense_cfg.pos_embed) == (8, 5, "sincos_wh")
+    dense = build_dense(sd, dense_cfg)
+    gen = torch.Generator().manual_seed(0)
+    x, n = torch.randn(4, 4, 8, 8, generator=gen), torch.tensor([0, 125, 500, 875])
+    y = torch.tensor([0, 5, 3, 5])  # 5 = the null class
+    reference = dit_reference_forward(sd, x, n, y, heads=2, p=2)
+    with torch.no_grad():
+        assert (dense(x, n / 1000, y) - reference).abs().max() <= TOL
+    settings = moe(top_k=2, normalize=True, num_shared=1)
+    keep, _ = convert_dense(sd, dense_cfg, settings, shared_init="zero")
+    assert verify_conversion(dense, keep)["max_abs"] <= TOL
+    drop_cfg = from_dict({"model": {**vars(dense_cfg), "moe": settings, "out_channels": None}}).model
+    drop, _ = convert_dense(sd, dense_cfg, drop_cfg, shared_init="zero")
+    with torch.no_grad():
+        out = drop(x, n / 1000, y)
+    assert out.shape == (4, 4, 8, 8) and (out - reference[:, :4]).abs().max() <= TOL  # ε channels, not σ
+
+
+def test_dit_import_errors():
+    sd = dit_state_dict()
+    with pytest.raises(ConfigError, match="--heads"):
+        dit_model_config(sd)  # width 32 is no DiT preset
+    bad = dict(sd, pos_embed=sd["pos_embed"] + 0.01)
+    with pytest.raises(ConversionError, match="not a fixed 2-D sin-cos table"):
+        dit_model_config(bad, heads=2)
+    with pytest.raises(ConversionError, match="differs from the model's fixed sin-cos table"):
+        build_dense(bad, dit_model_config(sd, heads=2))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def train_dense_run(run_dir):
+    data = {"seed": 1, "model": {**MICRO, "num_classes": 10, "class_dropout": 0.2},
+            "data": {"name": "synthetic", "image_size": 8},
+            "train": {"out_dir": str(run_dir), "steps": 2, "batch_size": 4, "warmup_steps": 1, "log_every": 1},
+            "sample": {"steps": 2, "per_class": 1}}
+    Trainer(from_dict(data), progress=False).train()
+
+
+def test_cli_converts_a_dense_run_that_samples_and_trains_on(tmp_path, capsys):
+    dense_run, out = tmp_path / "dense", tmp_path / "moe"
+    train_dense_run(dense_run)
+    args = ["convert", str(dense_run), "--out", str(out), "--verify", "--set", "model.moe.num_experts=4",
+            "model.moe.router.normalize=true", "model.moe.num_shared=1"]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "exact: yes" in printed and "within tolerance" in printed
+    cfg = from_dict(load_yaml(out / "config.yaml"))
+    assert cfg.model.moe.num_experts == 4 and cfg.model.moe.expert_ratio == 4.0 and cfg.train.out_dir == str(out)
+    info = json.loads((out / "conversion.json").read_text())
+    assert info["exact_expected"] and info["verification"]["max_abs"] <= TOL
+    state = ckpt.read_state(out / "checkpoints" / "step_00000000")
+    assert state["weights_only"] and not (out / "checkpoints" / "step_00000000" / "trainer.safetensors").exists()
+    assert cli_main(["sample", "--run", str(out), "--set", "sample.steps=2", "sample.per_class=1"]) == 0
+    resumed = Trainer(from_dict(apply_overrides(load_yaml(out / "config.yaml"), ["train.steps=2"])),
+                      resume=True, progress=False)
+    assert resumed.start_step == 0
+    resumed.train()
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step_00000000", "step_00000002"]
+    before = (out / "config.yaml").read_text()
+    assert cli_main(args) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err and (out / "config.yaml").read_text() == before
+
+
+def test_cli_imports_a_dit_training_checkpoint(tmp_path, capsys):
+    sd = dit_state_dict(seed=3)
+    path = tmp_path / "dit.pt"
+    torch.save({"model": {k: v + 1 for k, v in sd.items()}, "ema": sd, "opt": {}, "args": argparse.Namespace(a=1)},
+               path)
+    moe_yaml = tmp_path / "moe.yaml"
+    moe_yaml.write_text(yaml.safe_dump({"model": {"moe": moe(top_k=1, normalize=True)}}))
+    out = tmp_path / "imported"
+    assert cli_main(["convert", str(path), "--out", str(out), "--moe", str(moe_yaml), "--heads", "2",
+                     "--learn-sigma", "drop", "--verify"]) == 0
+    assert "exact: yes" in capsys.readouterr().out
+    cfg = from_dict(load_yaml(out / "config.yaml"))
+    assert cfg.model.pos_embed == "sincos_wh" and cfg.model.out_channels is None and cfg.objective.name == "ddpm"
+    source = load_source(path, heads=2)
+    assert torch.equal(source.state["blocks.0.mlp.fc1.weight"], sd["blocks.0.mlp.fc1.weight"])  # EMA by default
+    assert cli_main(["convert", str(path), "--out", str(tmp_path / "x"), "--set", "model.moe.num_experts=4"]) == 2
+    assert "--heads" in capsys.readouterr().err
+
+
+def test_extra_output_channels_are_ignored_by_objectives_and_samplers():
+    from moedit.config import ObjectiveConfig, SampleConfig
+    from moedit.generate import generate
+    from moedit.objectives import build_objective
+
+    model = dense_model(out_channels=2)  # in_channels 1, learned-sigma style 2·C outputs
+    x0, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    assert model(x0, torch.rand(2), y).shape == (2, 2, 8, 8)
+    for name in ("rectified_flow", "ddpm"):
+        objective = build_objective(ObjectiveConfig(name=name))
+        loss, _ = objective.loss(model, x0, y)
+        assert torch.isfinite(loss)
+    images = generate(model, build_objective(ObjectiveConfig()), SampleConfig(steps=2, cfg_scale=2.0), y,
+                      torch.device("cpu"))
+    assert images.shape == (2, 1, 8, 8)
