@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def held_out(model, objective, cfg, num: int = 1000, batch: int = 250) -> dict:
             loads[i] = loads[i] + routing.load_E().double()
             assignments += routing.token_M.numel()
             tokens += routing.num_tokens
+    if not loads:  # a dense model: no routing to report
+        return {"held_out_loss": sum(losses) / num}
     # shares among the configured routed experts (ProMoE's unconditional expert idles at real labels)
     E = cfg.model.moe.num_experts
     share_LE = torch.stack([load[:E] / load[:E].sum().clamp_min(1) for load in loads])
@@ -68,6 +71,7 @@ def run_one(name: str, steps: int, run_root: Path) -> dict:
     cfg = load_config(ROOT / "configs" / f"{name}.yaml", overrides)
     trainer = Trainer(cfg, progress=True)
     summary = trainer.train()
+    load = os.getloadavg()[1]  # 5-min load at the end of training: above ~cores, something shared the CPU
     (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     logged = [row for row in read_metrics(trainer.run_dir / "metrics.jsonl") if row["step"] > steps - 250]
     routed = held_out(trainer.ema.model, build_objective(cfg.objective), cfg)
@@ -76,21 +80,21 @@ def run_one(name: str, steps: int, run_root: Path) -> dict:
     return {"config": f"configs/{name}.yaml", "router": r.name, "gate": r.gate, "score": r.score, "top_k": r.top_k,
             "steps": steps, "train_loss": sum(row["loss"] for row in logged) / len(logged),
             "train_wall_s": summary["train_wall_s"], "tokens_per_s": summary["img_per_s"] * tokens_per_image,
-            "grid": summary["final_grid"], "params": sum(p.numel() for p in trainer.model.parameters()), **routed}
+            "load_5min": load, "grid": summary["final_grid"], "params": sum(p.numel() for p in trainer.model.parameters()), **routed}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Device: {meta['device']}, torch {meta['torch']}, {meta['threads']} threads; "
              f"{rows[0]['steps'] if rows else 0} steps each.", "",
              "| config | router (gate, score, k) | params | train loss | held-out loss | train s | tokens/s "
-             "| experts/token (eval) | expert share min–max (eval) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| experts/token (eval) | expert share min–max (eval) | CPU load |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         lines.append(
             f"| `{r['config']}` | {r['router']} ({r['gate'] or '—'}, {r['score']}, {r['top_k']}) | "
             f"{r['params'] / 1e6:.2f}M | {r['train_loss']:.4f} | {r['held_out_loss']:.4f} | "
             f"{r['train_wall_s']:.0f} | {r['tokens_per_s']:.0f} | {r['experts_per_token']:.2f} | "
-            f"{r['share_min']:.3f}–{r['share_max']:.3f} |")
+            f"{r['share_min']:.3f}–{r['share_max']:.3f} | {r['load_5min']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -107,9 +111,9 @@ def main() -> None:
     for name in args.configs:
         rows.append(run_one(Path(name).stem, args.steps, Path(args.run_root)))
         print(markdown(rows[-1:], meta))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    Path(args.out + ".md").write_text(markdown(rows, meta))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every run: a crash keeps the rest
+        Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        Path(args.out + ".md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
 
 
