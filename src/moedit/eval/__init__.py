@@ -7,6 +7,12 @@ Inception's.
 
 from __future__ import annotations
 
+from moedit.eval.features import (
+    FeatureClassifierError,
+    LeNetClassifier,
+    extract,
+    load_feature_classifier,
+)
 from moedit.eval.metrics import (
     KIDResult,
     PrecisionRecall,
@@ -20,12 +26,16 @@ from moedit.eval.metrics import (
 )
 
 __all__ = [
+    "FeatureClassifierError",
     "KIDResult",
+    "LeNetClassifier",
     "PrecisionRecall",
     "class_accuracy",
+    "extract",
     "feature_stats",
     "frechet_distance",
     "kid",
+    "load_feature_classifier",
     "mmd2_unbiased",
     "polynomial_kernel",
     "precision_recall",
