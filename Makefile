@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: env quickstart test bench clean-quickstart
+.PHONY: env quickstart test bench conversion-study clean-quickstart
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,8 @@ test: env
 
 bench: env
 	$(PY) benchmarks/dispatch_cpu.py
+
+# Dense quickstart -> MoE with linear / MLP / cross-attention gates, fine-tuned and diagnosed
+# (docs/CONVERSION_STUDY.md; ~30 min on a 2-core CPU; rerunning continues where it stopped).
+conversion-study: env
+	$(PY) benchmarks/conversion_study.py

@@ -182,7 +182,7 @@ class DiagnosticsConfig:
     """Routing monitor and failure detectors during training (docs/DIAGNOSTICS.md, ROUTERS.md §7).
     MoE models only; a dense model records nothing. Defaults fit the quickstart (1,500 steps)."""
 
-    monitor: bool = True  # record routing to RUN/routing/ (measured < 1% of a quickstart step)
+    monitor: bool = True  # record routing to RUN/routing/ (measured ≈ 1.6% of a quickstart step, docs/DIAGNOSTICS.md)
     every: int = 1  # optimizer steps summed into one record; raise it for long runs to shrink the file
     t_buckets: int = 4  # equal-width buckets of t ∈ [0, 1] for the per-timestep tables
     max_classes: int = 32  # labels 0..max_classes-1 get their own row; higher ones share "other"; null has its own
