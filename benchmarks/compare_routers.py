@@ -80,7 +80,8 @@ def run_one(name: str, steps: int, run_root: Path) -> dict:
     return {"config": f"configs/{name}.yaml", "router": r.name, "gate": r.gate, "score": r.score, "top_k": r.top_k,
             "steps": steps, "train_loss": sum(row["loss"] for row in logged) / len(logged),
             "train_wall_s": summary["train_wall_s"], "tokens_per_s": summary["img_per_s"] * tokens_per_image,
-            "load_5min": load, "grid": summary["final_grid"], "params": sum(p.numel() for p in trainer.model.parameters()), **routed}
+            "load_5min": load, "grid": summary["final_grid"],
+            "params": sum(p.numel() for p in trainer.model.parameters()), **routed}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:

@@ -7,20 +7,25 @@ import sys
 
 from moedit.cli import convert as convert_cmd
 from moedit.cli import diagnose as diagnose_cmd
+from moedit.cli import eval as eval_cmd
 from moedit.cli import sample as sample_cmd
 from moedit.cli import train as train_cmd
 
-COMMANDS = {"train": train_cmd, "sample": sample_cmd, "convert": convert_cmd, "diagnose": diagnose_cmd}
+COMMANDS = {"train": train_cmd, "sample": sample_cmd, "eval": eval_cmd, "convert": convert_cmd,
+            "diagnose": diagnose_cmd}
 
 
 def user_errors() -> tuple[type[Exception], ...]:
     from moedit.config import ConfigError
     from moedit.data import DatasetError
     from moedit.diagnostics.record import DiagnosticsError
+    from moedit.eval.features import FeatureClassifierError
+    from moedit.eval.sampling import EvalError
     from moedit.train.checkpoint import CheckpointError
     from moedit.train.trainer import TrainingError
 
-    return (ConfigError, DatasetError, CheckpointError, TrainingError, DiagnosticsError)
+    return (ConfigError, DatasetError, CheckpointError, TrainingError, DiagnosticsError, EvalError,
+            FeatureClassifierError)
 
 
 def build_parser() -> argparse.ArgumentParser:

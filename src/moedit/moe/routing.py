@@ -55,6 +55,14 @@ class Routing:
                 f"{tuple(self.token_M.shape)}, {tuple(self.expert_M.shape)}, {tuple(self.weight_M.shape)}"
             )
 
+    @classmethod
+    def from_assignments(cls, token_M: torch.Tensor, expert_M: torch.Tensor, weight_M: torch.Tensor, num_tokens: int,
+                         num_experts: int, aux: dict[str, torch.Tensor], scores_NE: torch.Tensor) -> "Routing":
+        """The usual way a router finishes: scores detached for diagnostics, load per expert as its stat."""
+        return cls(token_M=token_M, expert_M=expert_M, weight_M=weight_M, num_tokens=num_tokens,
+                   num_experts=num_experts, aux=aux, scores_NE=scores_NE.detach(),
+                   stats={"load_E": torch.bincount(expert_M, minlength=num_experts)})
+
     def load_E(self) -> torch.Tensor:
         """Assignments per expert (int64)."""
         return torch.bincount(self.expert_M, minlength=self.num_experts)

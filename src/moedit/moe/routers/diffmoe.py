@@ -74,16 +74,7 @@ class DiffMoERouter(nn.Module):
         else:
             chosen_NE = torch.sigmoid(pred_logits_NE) > self.threshold.value_X
             token_M, expert_M = chosen_NE.nonzero(as_tuple=True)
-        return Routing(
-            token_M=token_M,
-            expert_M=expert_M,
-            weight_M=scores_NE[token_M, expert_M],
-            num_tokens=N,
-            num_experts=E,
-            aux=aux,
-            scores_NE=scores_NE.detach(),
-            stats={"load_E": torch.bincount(expert_M, minlength=E)},
-        )
+        return Routing.from_assignments(token_M, expert_M, scores_NE[token_M, expert_M], N, E, aux, scores_NE)
 
     def after_optimizer_step(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.threshold.update(reduce_fn)

@@ -48,13 +48,5 @@ class ExpertChoiceRouter(nn.Module):
         token_BEC = pick_BEC + (torch.arange(B, device=x_ND.device) * L)[:, None, None]
         expert_BEC = torch.arange(E, device=x_ND.device)[None, :, None].expand(B, E, C)
         expert_M = expert_BEC.reshape(-1)
-        return Routing(
-            token_M=token_BEC.reshape(-1),
-            expert_M=expert_M,
-            weight_M=weight_BEC.reshape(-1),
-            num_tokens=B * L,
-            num_experts=E,
-            aux={"z": router_z_loss(logits_NE)},
-            scores_NE=scores_NE.detach(),
-            stats={"load_E": torch.bincount(expert_M, minlength=E)},
-        )
+        return Routing.from_assignments(token_BEC.reshape(-1), expert_M, weight_BEC.reshape(-1), B * L, E,
+                                        {"z": router_z_loss(logits_NE)}, scores_NE)

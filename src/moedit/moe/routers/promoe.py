@@ -83,13 +83,4 @@ class ProMoERouter(nn.Module):
                               torch.ones(uncond_token_U.shape[0], device=x_ND.device)])
         contrastive = routing_contrastive(self.prototypes_ED, x_ND, cond_token_M, cond_expert_M,
                                           self.cfg.contrastive_tau)
-        return Routing(
-            token_M=token_M,
-            expert_M=expert_M,
-            weight_M=weight_M,
-            num_tokens=N,
-            num_experts=E + 1,
-            aux={"contrastive": contrastive},
-            scores_NE=weights_NE.detach(),
-            stats={"load_E": torch.bincount(expert_M, minlength=E + 1)},
-        )
+        return Routing.from_assignments(token_M, expert_M, weight_M, N, E + 1, {"contrastive": contrastive}, weights_NE)

@@ -90,16 +90,7 @@ class RaceRouter(nn.Module):
                 predicted_NP = linear_f32(self.target_head, features_NF)
             target_NP = ctx.target_BLP.reshape(N, -1).float()
             aux["plr"] = (predicted_NP - target_NP).square().mean()
-        return Routing(
-            token_M=token_M,
-            expert_M=expert_M,
-            weight_M=weights_NE[token_M, expert_M],
-            num_tokens=N,
-            num_experts=E,
-            aux=aux,
-            scores_NE=weights_NE.detach(),
-            stats={"load_E": torch.bincount(expert_M, minlength=E)},
-        )
+        return Routing.from_assignments(token_M, expert_M, weights_NE[token_M, expert_M], N, E, aux, weights_NE)
 
     def after_optimizer_step(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.threshold.update(reduce_fn)
