@@ -28,13 +28,7 @@ TOL = 1e-5
 MICRO = dict(preset="micro", image_size=8, patch_size=2, num_classes=5)  # width 32, depth 2, heads 2, hidden 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models: a second intra-op thread only spins (measured: 4x the CPU time on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def dense_model(seed: int = 0, **model):

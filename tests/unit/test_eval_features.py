@@ -20,13 +20,7 @@ SUBSET_FLOOR = {"mnist": 0.97, "fashion_mnist": 0.85}
 SUBSET_N = 500
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches here are small; on a shared machine a second intra-op thread mostly waits for a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module", params=fx.DATASETS)

@@ -20,14 +20,7 @@ from moedit.eval.metrics import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The matrices here are tiny: a second intra-op thread only waits for a core (on a busy machine a
-    60×5 matmul took 16 ms with two threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def random_orthogonal(d: int, rng: np.random.Generator) -> np.ndarray:
