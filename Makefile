@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: env quickstart test bench conversion-study clean-quickstart
+.PHONY: env quickstart test bench conversion-study zoo clean-quickstart
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,10 @@ bench: env
 # (docs/CONVERSION_STUDY.md; ~30 min on a 2-core CPU; rerunning continues where it stopped).
 conversion-study: env
 	$(PY) benchmarks/conversion_study.py
+
+# The router zoo of docs/RESULTS.md: 13 entries x 2 seeds per dataset, 600 steps each, evaluated at
+# steps 200/400/600 (one process per dataset, one thread each; about 3 h per dataset on a 2-core CPU;
+# rerunning continues where it stopped). Fashion-MNIST needs the `dataset-fashion-mnist` package (EVAL.md).
+ZOO_DATASET ?= mnist
+zoo: env
+	OMP_NUM_THREADS=1 $(VENV)/bin/moedit zoo --out runs/zoo --datasets $(ZOO_DATASET) --seeds 0 1 --steps 600 --threads 1

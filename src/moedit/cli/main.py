@@ -10,9 +10,10 @@ from moedit.cli import diagnose as diagnose_cmd
 from moedit.cli import eval as eval_cmd
 from moedit.cli import sample as sample_cmd
 from moedit.cli import train as train_cmd
+from moedit.cli import zoo as zoo_cmd
 
 COMMANDS = {"train": train_cmd, "sample": sample_cmd, "eval": eval_cmd, "convert": convert_cmd,
-            "diagnose": diagnose_cmd}
+            "diagnose": diagnose_cmd, "zoo": zoo_cmd}
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -23,9 +24,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from moedit.eval.sampling import EvalError
     from moedit.train.checkpoint import CheckpointError
     from moedit.train.trainer import TrainingError
+    from moedit.zoo.plan import ZooError
 
     return (ConfigError, DatasetError, CheckpointError, TrainingError, DiagnosticsError, EvalError,
-            FeatureClassifierError)
+            FeatureClassifierError, ZooError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,96 @@
+"""One zoo run, resumable at every stage: train ─► evaluate each curve checkpoint ─► routing stats ─► result.json.
+
+    RUN/zoo_train.json   one segment per `moedit train` call of this run (start step, steps, wall, CPU load):
+                         a run resumed after an interruption sums its segments' wall time
+    RUN/eval/step_*/     `moedit eval` folders (eval.json, grid.png, samples.npz), one per curve checkpoint
+    RUN/result.json      the run's row: settings, parameter counts, quality per step, routing, speed
+
+A run with result.json is done and skipped; one without it continues from its latest checkpoint
+(moedit.train.Trainer with resume) and reuses finished evaluations (evaluate_run's sample cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from moedit.config import to_dict
+from moedit.eval.evaluate import evaluate_run
+from moedit.models.params import count_parameters
+from moedit.train import checkpoint as ckpt
+from moedit.train.trainer import Trainer
+from moedit.utils.files import atomic_write
+from moedit.zoo.plan import ZooRun, ZooSettings, run_config
+from moedit.zoo.routing_stats import routing_stats
+
+RESULT, SEGMENTS = "result.json", "zoo_train.json"
+
+
+def _write_json(path: Path, data) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def train_segment(run: ZooRun, settings: ZooSettings, progress: bool) -> list[dict]:
+    """Train (or continue) the run to settings.steps; returns every segment so far."""
+    path = run.run_dir / SEGMENTS
+    segments = json.loads(path.read_text()) if path.exists() else []
+    done = ckpt.list_checkpoints(run.run_dir / "checkpoints")
+    if done and int(done[-1].name.removeprefix("step_")) >= settings.steps:
+        return segments
+    trainer = Trainer(run_config(run, settings), resume=True, progress=progress)
+    summary = trainer.train()
+    segments.append({"start_step": summary["start_step"], "steps": summary["steps"],
+                     "train_wall_s": summary["train_wall_s"], "img_per_s": summary["img_per_s"],
+                     "load_5min": os.getloadavg()[1], "threads": trainer.cfg.train.threads})
+    _write_json(path, segments)
+    return segments
+
+
+def evaluate_curve(run: ZooRun, settings: ZooSettings, progress: bool) -> list[dict]:
+    """evaluate_run on each curve checkpoint (EMA weights, the zoo's N, seed and sampler)."""
+    points = []
+    for step in settings.curve_steps:
+        path = run.run_dir / "checkpoints" / f"step_{step:08d}"
+        overrides = [f"sample.steps={settings.sampler_steps}", f"sample.cfg_scale={settings.cfg_scale}"]
+        if settings.threads:
+            overrides.append(f"train.threads={settings.threads}")
+        r = evaluate_run(run.run_dir, n=settings.eval_n, seed=settings.eval_seed, checkpoint=path,
+                         overrides=overrides, progress=progress)
+        m = r["metrics"]
+        points.append({"step": step, "fd_lenet": m["fd_lenet"], "kid": m["kid_lenet"]["mean"],
+                       "kid_std": m["kid_lenet"]["std"], "precision": m["precision_recall_lenet"]["precision"],
+                       "recall": m["precision_recall_lenet"]["recall"], "accuracy": m["class_accuracy"],
+                       "eval_dir": r["out_dir"]})
+    return points
+
+
+def speed(segments: list[dict], settings: ZooSettings, batch_size: int, tokens_per_image: int) -> dict:
+    """Wall time summed over segments; tokens/s = the tokens those segments trained / that wall."""
+    wall = sum(s["train_wall_s"] for s in segments)
+    images = sum((s["steps"] - s["start_step"]) * batch_size for s in segments)
+    return {"train_wall_s": wall, "tokens_per_s": images * tokens_per_image / wall if wall > 0 else None,
+            "segments": len(segments), "max_load_5min": max((s["load_5min"] for s in segments), default=None)}
+
+
+def run_one(run: ZooRun, settings: ZooSettings, progress: bool = True) -> dict:
+    """The run's result row (from RUN/result.json when it is already done)."""
+    result_path = run.run_dir / RESULT
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    cfg = run_config(run, settings)
+    segments = train_segment(run, settings, progress)
+    curve = evaluate_curve(run, settings, progress)
+    moe = cfg.model.moe
+    counts = count_parameters(cfg.model)
+    tokens_per_image = (cfg.model.image_size // cfg.model.patch_size) ** 2
+    result = {
+        "entry": run.entry.name, "dataset": run.dataset, "seed": run.seed, "config": str(run.entry.config),
+        "overrides": list(run.entry.overrides), "model": to_dict(cfg.model),
+        "params_total": counts.total, "params_activated": counts.activated, "params_router": counts.router,
+        "curve": curve, "final": curve[-1],
+        "routing": routing_stats(run.run_dir, moe.num_experts, cfg.model.num_classes) if moe else {},
+        **speed(segments, settings, cfg.train.batch_size, tokens_per_image),
+    }
+    _write_json(result_path, result)
+    return result
