@@ -27,10 +27,10 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from moedit.zoo import ZooSettings, run_zoo, write_report
-    from moedit.zoo.plan import load_zoo_file
+    from moedit.zoo.plan import load_claims, load_zoo_file
 
     if args.report_only:
-        rows = write_report(args.out, [e.name for e in load_zoo_file(args.zoo)[0]])
+        rows = write_report(args.out, [e.name for e in load_zoo_file(args.zoo)[0]], load_claims(args.zoo))
         print(f"{len(rows)} finished runs tabulated in {args.out}/results.md")
         return 0
     settings = ZooSettings(steps=args.steps, curve_points=args.curve_points, eval_n=args.eval_n,

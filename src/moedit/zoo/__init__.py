@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from moedit.zoo.plan import (DATASETS, PLAN_FILE, ZooEntry, ZooError, ZooRun, ZooSettings, activated_table,
-                             check_or_write_plan, load_zoo_file, plan_runs, select_entries)
+from moedit.zoo.plan import (DATASETS, PLAN_FILE, Claim, ZooEntry, ZooError, ZooRun, ZooSettings, activated_table,
+                             check_or_write_plan, load_claims, load_zoo_file, plan_runs,
+                             select_entries)
 from moedit.zoo.report import markdown, plot_curves
 from moedit.zoo.runner import RESULT, run_one
 
@@ -49,20 +50,22 @@ def run_zoo(zoo_file: str | Path, root: str | Path, settings: ZooSettings, *, da
         f = row["final"]
         log(f"    FD-LeNet {f['fd_lenet']:.2f}  KID {f['kid']:.4f}  acc {f['accuracy']:.3f}  "
             f"train {row['train_wall_s']:.0f} s")
-    return write_report(root, [e.name for e in all_entries])
+    return write_report(root, [e.name for e in all_entries], load_claims(zoo_file))
 
 
-def write_report(root: str | Path, entry_order: Sequence[str] = ()) -> list[dict]:
+def write_report(root: str | Path, entry_order: Sequence[str] = (), claims: Sequence[Claim] = ()) -> list[dict]:
     """ROOT/results.{md,json} and ROOT/quality_vs_steps.png from every finished run under root; entries
-    in `entry_order` (the zoo file's order), others after them by name."""
+    in `entry_order` (the zoo file's order), others after them by name; `claims` checked per dataset."""
     root = Path(root)
+    if not (root / PLAN_FILE).is_file():
+        raise ZooError(f"{root} holds no zoo ({PLAN_FILE} is missing): run `moedit zoo --out {root}` first")
     settings = json.loads((root / PLAN_FILE).read_text())
     rows = [json.loads(p.read_text()) for p in sorted(root.glob(f"*/*/seed*/{RESULT}"))]
     order = {name: i for i, name in enumerate(entry_order)}
     rows.sort(key=lambda r: (DATASETS.index(r["dataset"]) if r["dataset"] in DATASETS else 99,
                              order.get(r["entry"], len(order)), r["entry"], r["seed"]))
     (root / REPORT_JSON).write_text(json.dumps({"settings": settings, "machine": machine(), "rows": rows}, indent=1))
-    (root / REPORT_MD).write_text(markdown(rows, settings, machine()))
+    (root / REPORT_MD).write_text(markdown(rows, settings, machine(), claims))
     if rows:
         plot_curves(rows, root / PLOT)
     return rows

@@ -77,7 +77,7 @@ def load_zoo_file(path: str | Path) -> tuple[list[ZooEntry], float]:
     if not path.is_file():
         raise ZooError(f"zoo file {path} does not exist; the shipped one is configs/zoo/routers.yaml")
     data = yaml.safe_load(path.read_text()) or {}
-    unknown = set(data) - {"entries", "max_param_gap"}
+    unknown = set(data) - {"entries", "max_param_gap", "claims"}
     if unknown or not isinstance(data.get("entries"), dict) or not data["entries"]:
         raise ZooError(f"{path} must hold `entries:` (name: {{config: FILE, set: [KEY=VALUE ...]}}) and "
                        f"optionally `max_param_gap:`; found keys {sorted(data)}")
@@ -91,6 +91,31 @@ def load_zoo_file(path: str | Path) -> tuple[list[ZooEntry], float]:
             raise ZooError(f"{path}: entry {name!r} names {spec['config']}, which is not a file next to the zoo file")
         entries.append(ZooEntry(str(name), config, tuple(str(s) for s in spec.get("set") or ())))
     return entries, float(data.get("max_param_gap", 0.02))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A paper's ordering: `better` scored a lower FID than `worse` there."""
+
+    better: str
+    worse: str
+    source: str
+
+
+def load_claims(path: str | Path) -> list[Claim]:
+    """The zoo file's `claims:` list, each naming two of its entries."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    names = set((data.get("entries") or {}))
+    claims = []
+    for item in data.get("claims") or []:
+        if not isinstance(item, dict) or set(item) != {"better", "worse", "source"}:
+            raise ZooError(f"{path}: a claim must be {{better: ENTRY, worse: ENTRY, source: TEXT}}, got {item!r}")
+        unknown = [item[k] for k in ("better", "worse") if item[k] not in names]
+        if unknown:
+            raise ZooError(f"{path}: claim {item!r} names {', '.join(unknown)}, not an entry of the zoo file")
+        claims.append(Claim(str(item["better"]), str(item["worse"]), str(item["source"])))
+    return claims
 
 
 def select_entries(entries: list[ZooEntry], names: list[str] | None) -> list[ZooEntry]:

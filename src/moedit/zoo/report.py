@@ -3,12 +3,17 @@
 Per dataset, one row per entry: every number is the mean over the seeds that finished, with ± the
 sample standard deviation over seeds (n − 1; none with a single seed) for the quality metrics. The
 plot draws FD-LeNet and KID against training steps (mean over seeds; the band spans min to max).
+
+The papers' orderings (the zoo file's `claims`) are checked on FD-LeNet and KID at the last step:
+with Δ = mean(worse) − mean(better) and s = sd(better) + sd(worse) over seeds, a claim "agrees" when
+Δ > s, "disagrees" when Δ < −s, and is "within seed spread" otherwise; one seed gives no verdict.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 QUALITY = (("fd_lenet", "FD-LeNet ↓", "{:.1f}", 1.0), ("kid", "KID ↓", "{:.2f}", 1.0),
@@ -65,7 +70,35 @@ def routing_table(entries: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict], settings: dict, meta: dict) -> str:
+def verdict(better: list[float], worse: list[float]) -> str:
+    """The module docstring's rule, on final scores of the two entries (lower is better)."""
+    if len(better) < 2 or len(worse) < 2:
+        return "no verdict (1 seed)"
+    (mean_b, sd_b), (mean_w, sd_w) = mean_spread(better), mean_spread(worse)
+    delta = mean_w - mean_b
+    if delta > sd_b + sd_w:
+        return "agrees"
+    if delta < -(sd_b + sd_w):
+        return "disagrees"
+    return "within seed spread"
+
+
+def claims_table(entries: dict[str, list[dict]], claims: Sequence) -> list[str]:
+    lines = ["| paper's ordering (lower FID first) | source | FD-LeNet here | verdict | KID here | verdict |",
+             "|---|---|---|---|---|---|"]
+    for c in claims:
+        if c.better not in entries or c.worse not in entries:
+            continue
+        cells = []
+        for key, fmt in (("fd_lenet", "{:.1f}"), ("kid", "{:.2f}")):
+            b = [r["final"][key] for r in entries[c.better]]
+            w = [r["final"][key] for r in entries[c.worse]]
+            cells += [f"{_cell(b, fmt)} vs {_cell(w, fmt)}", verdict(b, w)]
+        lines.append(f"| {c.better} < {c.worse} | {c.source} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 2 else []
+
+
+def markdown(rows: list[dict], settings: dict, meta: str, claims: Sequence = ()) -> str:
     """Both tables per dataset, headed by the settings that make them comparable."""
     out = [f"Zoo: {settings['steps']} steps per run; evaluation: N = {settings['eval_n']} samples (EMA weights, "
            f"euler {settings['sampler_steps']} steps, guidance {settings['cfg_scale']:g}, sampling seed "
@@ -74,6 +107,9 @@ def markdown(rows: list[dict], settings: dict, meta: dict) -> str:
            "quarter of the steps, mean over seeds (docs EVAL.md; moedit/zoo/routing_stats.py)."]
     for dataset, entries in group(rows).items():
         out += ["", f"### {dataset}", "", *quality_table(entries), "", *routing_table(entries)]
+        checked = claims_table(entries, claims)
+        if checked:
+            out += ["", "The papers' orderings against this table (verdict rule: moedit/zoo/report.py):", "", *checked]
     return "\n".join(out) + "\n"
 
 
