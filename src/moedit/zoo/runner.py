@@ -1,7 +1,8 @@
 """One zoo run, resumable at every stage: train ─► evaluate each curve checkpoint ─► routing stats ─► result.json.
 
-    RUN/zoo_train.json   one segment per `moedit train` call of this run (start step, steps, wall, CPU load):
-                         a run resumed after an interruption sums its segments' wall time
+    RUN/zoo_train.json   one segment per finished training call of this run (start step, steps, wall,
+                         CPU load); speed itself is read from metrics.jsonl's logging windows, which a
+                         call interrupted before its end also leaves behind
     RUN/eval/step_*/     `moedit eval` folders (eval.json, grid.png, samples.npz), one per curve checkpoint
     RUN/result.json      the run's row: settings, parameter counts, quality per step, routing, speed
 
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 from moedit.config import to_dict
 from moedit.eval.evaluate import evaluate_run
 from moedit.models.params import count_parameters
 from moedit.train import checkpoint as ckpt
+from moedit.train.metrics import read_metrics
 from moedit.train.trainer import Trainer
 from moedit.utils.files import atomic_write
 from moedit.zoo.plan import ZooRun, ZooSettings, run_config
@@ -65,12 +68,23 @@ def evaluate_curve(run: ZooRun, settings: ZooSettings, progress: bool) -> list[d
     return points
 
 
-def speed(segments: list[dict], settings: ZooSettings, batch_size: int, tokens_per_image: int) -> dict:
-    """Wall time summed over segments; tokens/s = the tokens those segments trained / that wall."""
-    wall = sum(s["train_wall_s"] for s in segments)
-    images = sum((s["steps"] - s["start_step"]) * batch_size for s in segments)
-    return {"train_wall_s": wall, "tokens_per_s": images * tokens_per_image / wall if wall > 0 else None,
-            "segments": len(segments), "max_load_5min": max((s["load_5min"] for s in segments), default=None)}
+def window_rates(metrics_path: Path, batch_size: int) -> list[float]:
+    """Images/s of each logging window of metrics.jsonl (steps and elapsed time between consecutive rows
+    of one training call; a resumed call restarts its clock, and that pair is skipped)."""
+    rows = read_metrics(metrics_path) if metrics_path.exists() else []
+    return [(b["step"] - a["step"]) * batch_size / (b["elapsed_s"] - a["elapsed_s"])
+            for a, b in zip(rows, rows[1:]) if b["step"] > a["step"] and b["elapsed_s"] > a["elapsed_s"]]
+
+
+def speed(run_dir: Path, segments: list[dict], settings: ZooSettings, batch_size: int, tokens_per_image: int) -> dict:
+    """Training speed: the median over the logging windows (brief CPU contention moves a mean, hardly a
+    median), the whole budget's wall time at that rate, and the wall time the segments measured."""
+    rates = window_rates(run_dir / "metrics.jsonl", batch_size)
+    img_per_s = statistics.median(rates) if rates else None
+    return {"tokens_per_s": img_per_s * tokens_per_image if img_per_s else None,
+            "train_wall_s": settings.steps * batch_size / img_per_s if img_per_s else None,
+            "measured_wall_s": sum(s["train_wall_s"] for s in segments), "segments": len(segments),
+            "max_load_5min": max((s["load_5min"] for s in segments), default=None)}
 
 
 def run_one(run: ZooRun, settings: ZooSettings, progress: bool = True) -> dict:
@@ -90,7 +104,7 @@ def run_one(run: ZooRun, settings: ZooSettings, progress: bool = True) -> dict:
         "params_total": counts.total, "params_activated": counts.activated, "params_router": counts.router,
         "curve": curve, "final": curve[-1],
         "routing": routing_stats(run.run_dir, moe.num_experts, cfg.model.num_classes) if moe else {},
-        **speed(segments, settings, cfg.train.batch_size, tokens_per_image),
+        **speed(run.run_dir, segments, settings, cfg.train.batch_size, tokens_per_image),
     }
     _write_json(result_path, result)
     return result
