@@ -1,0 +1,31 @@
+"""Markdown tables of the benchmark results (the JSON holds every field)."""
+
+from __future__ import annotations
+
+
+def _meta_line(meta: dict) -> str:
+    return (f"{meta['device']}, torch {meta['torch']}, Python {meta['python']}, {meta['threads']} CPU threads; "
+            f"preset {meta['preset']}; median of {meta['repeats']} timed calls after 3 warm-ups.")
+
+
+def layer_markdown(result: dict) -> str:
+    lines = [_meta_line(result["meta"]) + f" dtype {result['meta']['dtype']}; useful TFLOP/s counts only the experts' "
+             "matrix products (fwd+bwd = 3·2·T·k·D·H·2).", "",
+             "| case | routing (max/mean load) | implementation | ms | useful TFLOP/s | × dense | peak MiB |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "—"
+        ratio = f"{r['ratio_to_dense']:.2f}" if r["ratio_to_dense"] is not None else "—"
+        lines.append(f"| {r['case']} | {r['routing']} ({r['max_over_mean_load']:.1f}) | {r['impl']} | {r['ms']:.2f} | "
+                     f"{r['tflops']:.3g} | {ratio} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def model_markdown(result: dict) -> str:
+    lines = [_meta_line(result["meta"]) + f" Batch {result['meta']['batch']}.", "",
+             "| variant | step ms | images/s | × dense | peak MiB | parameters |", "|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "—"
+        ratio = f"{r['ratio_to_dense']:.2f}" if r["ratio_to_dense"] is not None else "—"
+        lines.append(f"| {r['variant']} | {r['ms']:.1f} | {r['img_per_s']:.1f} | {ratio} | {peak} | {r['params'] / 1e6:.1f}M |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,64 @@
+"""The benchmarks' implementations compute the same layer (forward and gradients, awkward routings
+included), and `moedit bench` writes its tables; no test looks at a time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moedit.bench.layer import LayerCase, implementation, make_routing, run_case
+from moedit.bench.report import layer_markdown, model_markdown
+from moedit.cli.main import main as cli_main
+from moedit.moe.experts import StackedExperts
+from moedit.moe.routing import Routing
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def _grads(name, experts, x, routing, k):
+    experts.zero_grad()
+    x = x.detach().requires_grad_(True)
+    w = routing.weight_M.detach().requires_grad_(True)
+    r = Routing(routing.token_M, routing.expert_M, w, routing.num_tokens, routing.num_experts)
+    y = implementation(name, experts, (), k)(x, r)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), x.grad, w.grad, experts.w1_EDH.grad.clone(), experts.b2_ED.grad.clone()
+
+
+@pytest.mark.parametrize("tokens, skewed", [(1, False), (40, False), (40, True)])
+def test_peer_loops_match_moedit_forward_and_gradients(tokens, skewed):
+    gen = torch.Generator().manual_seed(3)
+    E, k = 6, 2
+    experts = StackedExperts(E, 8, 12)
+    routing = make_routing(tokens, E, k, skewed, gen, torch.device("cpu"))
+    x = torch.randn(tokens, 8, generator=gen)
+    want = _grads("moedit_loop", experts, x, routing, k)
+    assert routing.load_E().min() == 0 or tokens > 1  # a batch of one leaves experts empty
+    for name in ("index_loop", "mask_loop", "moedit_grouped"):
+        for got, ref in zip(_grads(name, experts, x, routing, k), want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_run_case_rows_and_tables():
+    case = LayerCase("tiny", experts=4, hidden=16, top_k=2, tokens=32, width=8)
+    rows = run_case(case, skewed=True, device=torch.device("cpu"), dtype=torch.float32,
+                    names=("dense", "index_loop", "moedit_grouped"), repeats=1)
+    assert [r["impl"] for r in rows] == ["dense", "index_loop", "moedit_grouped"]
+    assert rows[0]["ratio_to_dense"] == 1.0 and all(r["tflops"] > 0 for r in rows)
+    assert rows[1]["rel_error"] < 1e-5 and rows[1]["max_over_mean_load"] > 1
+    meta = {"device": "cpu", "torch": "x", "python": "3", "threads": 1, "preset": "t", "repeats": 1, "dtype": "float32"}
+    md = layer_markdown({"meta": meta, "rows": rows})
+    assert "| tiny | skewed" in md and "| index_loop |" in md
+    model_md = model_markdown({"meta": {**meta, "batch": 2}, "rows": [
+        {"variant": "dense (FFN 4D)", "ms": 2.0, "img_per_s": 1000.0, "ratio_to_dense": 1.0, "peak_mib": None, "params": 1e6}]})
+    assert "| dense (FFN 4D) | 2.0 | 1000.0 | 1.00 | — | 1.0M |" in model_md
+
+
+def test_bench_model_cli_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "model_cpu"
+    assert cli_main(["bench", "model", "--device", "cpu", "--repeats", "1", "--impl", "dense", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["dense (FFN 4D)"] and result["rows"][0]["img_per_s"] > 0
+    assert "images/s" in out.with_suffix(".md").read_text()
