@@ -95,6 +95,7 @@ class Trainer:
         self.objective = build_objective(cfg.objective)
         self.batches = BatchStream(self.dataset, tc.batch_size, cfg.seed, tc.grad_accum, self.dist.rank, self.dist.world)
         self.start_step = self._load(latest) if latest is not None else 0
+        self._first_bad: torch.Tensor | None = None  # first step with a non-finite loss, kept on the device
         self.step_model = wrap_data_parallel(self.model, self.dist, self.device)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,25 +156,26 @@ class Trainer:
         loss, _ = self.objective.loss(model_fn, x0_BCHW, y_B, pass_target=self.model.wants_target)
         return loss, captured["aux"]
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        """One optimizer step with no host synchronisation: the logged values stay on the device (read
+        once per log window by `train`), and a non-finite loss is remembered on the device as the first
+        bad step (`check_finite` raises for it before anything is logged, sampled or saved)."""
         tc = self.cfg.train
         set_lr(self.optimizer, lr_at(step, tc))
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
         for micro in range(tc.grad_accum):
             x0_BCHW, y_B = self.batches.get(step, micro)
             x0_BCHW, y_B = x0_BCHW.to(self.device, non_blocking=True), y_B.to(self.device, non_blocking=True)
             with self._autocast():
                 loss, aux = self._loss_and_aux(x0_BCHW, y_B)
                 total = loss.float() + self.weighted_aux(aux)
-            if not torch.isfinite(total):
-                self._fail_non_finite(step, loss, aux)
+            self._note_finite(step, total.detach())
             (total / tc.grad_accum).backward()
             self.routing_monitor.observe_model(self.model)  # device-side counts only (docs/DIAGNOSTICS.md)
-            logs["loss"] = logs.get("loss", 0.0) + loss.item() / tc.grad_accum
-            for name, value in aux.items():
-                logs[f"aux/{name}"] = logs.get(f"aux/{name}", 0.0) + value.item() / tc.grad_accum
+            for name, value in {"loss": loss, **{f"aux/{k}": v for k, v in aux.items()}}.items():
+                logs[name] = logs.get(name, 0.0) + value.detach().float() / tc.grad_accum
         if tc.grad_clip is not None:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).detach()
         self.precision_monitor.before_step(step)  # snapshots the weights every bf16_monitor_every steps
         self.optimizer.step()
         self.precision_monitor.after_step()
@@ -182,12 +184,22 @@ class Trainer:
         self.ema.update(self.model)
         return logs
 
-    def _fail_non_finite(self, step: int, loss: torch.Tensor, aux: dict) -> None:
+    def _note_finite(self, step: int, total: torch.Tensor) -> None:
+        """Keep the first step whose loss was not finite, on the device (−1: none yet)."""
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=total.device)
+        bad = ~torch.isfinite(total) & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, torch.full_like(self._first_bad, step), self._first_bad)
+
+    def check_finite(self) -> None:
+        """Raise if a step since the start had a non-finite loss: before any log, sample or checkpoint, so
+        no non-finite weights are ever written (the weights in memory may already hold NaN)."""
+        if self._first_bad is None or int(self._first_bad) < 0:
+            return
         latest = ckpt.list_checkpoints(self.ckpt_root)
         where = f"the last checkpoint {latest[-1]} is intact" if latest else "no checkpoint was written"
         raise TrainingError(
-            f"loss became non-finite at step {step} (diffusion loss {loss.item()}, aux "
-            f"{ {k: round(v.item(), 4) for k, v in aux.items()} }); {where}. Lower train.lr "
+            f"loss became non-finite at step {int(self._first_bad)}; {where}. Lower train.lr "
             f"(now {self.cfg.train.lr}), keep train.grad_clip set, or raise train.warmup_steps, then rerun."
         )
 
@@ -204,18 +216,24 @@ class Trainer:
         self.model.train()
         bar = tqdm(range(self.start_step, tc.steps), initial=self.start_step, total=tc.steps, desc="train",
                    disable=not (self.progress and self.dist.is_main), dynamic_ncols=True)
-        window: dict[str, float] = {}
+        window: dict[str, torch.Tensor] = {}
         window_n, t0, seen = 0, time.perf_counter(), 0
         for step in bar:
             logs = self.train_step(step)
             seen += tc.batch_size * tc.grad_accum * self.dist.world
-            for key, value in logs.items():
+            for key, value in logs.items():  # device-side sums: the step stays free of host syncs
                 window[key] = window.get(key, 0.0) + value
             window_n += 1
             done = step + 1
             self.routing_monitor.end_step(done)
+            due = [tc.sample_every and done % tc.sample_every == 0 and done != tc.steps,
+                   tc.ckpt_every and done % tc.ckpt_every == 0 and done != tc.steps]
+            if done % tc.log_every == 0 or done == tc.steps or any(due):
+                self.check_finite()
             if done % tc.log_every == 0 or done == tc.steps:
-                avg = {k: v / window_n for k, v in window.items()}
+                names = list(window)
+                values = torch.stack([window[k].float() for k in names]).div_(window_n).tolist()  # one transfer
+                avg = dict(zip(names, values))
                 elapsed = time.perf_counter() - t0
                 avg.update(lr=lr_at(step, tc), img_per_s=seen / elapsed, elapsed_s=elapsed)
                 avg.update(routing_metrics(self.model))
@@ -224,9 +242,9 @@ class Trainer:
                 self.routing_monitor.flush()  # the one host transfer of the routing record per log step
                 bar.set_postfix(loss=f"{avg['loss']:.4f}")
                 window, window_n = {}, 0
-            if tc.sample_every and done % tc.sample_every == 0 and done != tc.steps:
+            if due[0]:
                 self.write_samples(f"step_{done:08d}")
-            if tc.ckpt_every and done % tc.ckpt_every == 0 and done != tc.steps:
+            if due[1]:
                 self.save(done)
         bar.close()
         wall = time.perf_counter() - t0

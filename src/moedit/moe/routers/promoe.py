@@ -34,11 +34,15 @@ from moedit.moe.routing import Routing, RoutingContext
 
 
 def routing_contrastive(prototypes_ED: torch.Tensor, x_ND: torch.Tensor, token_M: torch.Tensor,
-                        expert_M: torch.Tensor, tau: float) -> torch.Tensor:
-    """L_RCL of the module docstring over the assignments (token_M, expert_M) of conditional tokens."""
+                        expert_M: torch.Tensor, tau: float, keep_M: torch.Tensor | None = None) -> torch.Tensor:
+    """L_RCL of the module docstring over the assignments (token_M, expert_M) of conditional tokens;
+    `keep_M` (0/1 per assignment) leaves some out without indexing them away (no host sync)."""
     E = prototypes_ED.shape[0]
-    sums_ED = torch.zeros_like(prototypes_ED).float().index_add(0, expert_M, x_ND[token_M].float())
-    counts_E = torch.bincount(expert_M, minlength=E).float()
+    x_MD = x_ND[token_M].float()
+    if keep_M is not None:
+        x_MD = x_MD * keep_M[:, None]
+    sums_ED = torch.zeros_like(prototypes_ED).float().index_add(0, expert_M, x_MD)
+    counts_E = torch.bincount(expert_M, weights=keep_M, minlength=E).float()
     used_E = counts_E > 0
     means_ED = sums_ED / counts_E.clamp_min(1.0)[:, None]
     with torch.autocast(x_ND.device.type, enabled=False):  # cosines / τ=0.07 need float32 under bf16
@@ -72,6 +76,26 @@ class ProMoERouter(nn.Module):
             cos_NE = F.normalize(x_ND.float(), dim=-1) @ F.normalize(self.prototypes_ED.float(), dim=-1).T
         weights_NE = score(cos_NE, self.cfg.score)
         uncond_N = self.unconditional_N(ctx, x_ND.device)
+        if k == 1:
+            return self._route_top1(x_ND, cos_NE, weights_NE, uncond_N)
+        return self._route(x_ND, cos_NE, weights_NE, uncond_N, k)
+
+    def _route_top1(self, x_ND, cos_NE, weights_NE, uncond_N) -> Routing:
+        """k = 1 (the paper's setting): one assignment per token in token order, chosen with torch.where
+        instead of splitting the tokens with nonzero(): the same routing without a host synchronisation.
+        Agrees with `_route` (tests/unit/test_routers_promoe.py)."""
+        N, E = x_ND.shape[0], self.num_experts
+        top_N = cos_NE.detach().argmax(-1)
+        expert_M = torch.where(uncond_N, E, top_N)
+        weight_M = torch.where(uncond_N, 1.0, weights_NE.gather(1, top_N[:, None]).squeeze(1))
+        contrastive = routing_contrastive(self.prototypes_ED, x_ND, torch.arange(N, device=x_ND.device), top_N,
+                                          self.cfg.contrastive_tau, keep_M=(~uncond_N).float())
+        return Routing.from_assignments(torch.arange(N, device=x_ND.device), expert_M, weight_M, N, E + 1,
+                                        {"contrastive": contrastive}, weights_NE)
+
+    def _route(self, x_ND, cos_NE, weights_NE, uncond_N, k: int) -> Routing:
+        """Any k: conditional and unconditional tokens split by nonzero() (one host sync per layer)."""
+        N, E = x_ND.shape[0], self.num_experts
         cond_token_C = (~uncond_N).nonzero().squeeze(1)
         uncond_token_U = uncond_N.nonzero().squeeze(1)
         expert_CK = cos_NE.detach()[cond_token_C].topk(k, dim=-1).indices
