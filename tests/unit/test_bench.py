@@ -21,7 +21,7 @@ def _grads(name, experts, x, routing, k):
     experts.zero_grad()
     x = x.detach().requires_grad_(True)
     w = routing.weight_M.detach().requires_grad_(True)
-    r = Routing(routing.token_M, routing.expert_M, w, routing.num_tokens, routing.num_experts)
+    r = Routing(routing.token_M, routing.expert_M, w, routing.num_tokens, routing.num_experts, per_token=routing.per_token)
     y = implementation(name, experts, (), k)(x, r)
     (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     return y.detach(), x.grad, w.grad, experts.w1_EDH.grad.clone(), experts.b2_ED.grad.clone()
@@ -36,7 +36,7 @@ def test_peer_loops_match_moedit_forward_and_gradients(tokens, skewed):
     x = torch.randn(tokens, 8, generator=gen)
     want = _grads("moedit_loop", experts, x, routing, k)
     assert routing.load_E().min() == 0 or tokens > 1  # a batch of one leaves experts empty
-    for name in ("index_loop", "mask_loop", "moedit_grouped"):
+    for name in ("index_loop", "mask_loop", "moedit_grouped", "moedit_grouped_scatter"):
         for got, ref in zip(_grads(name, experts, x, routing, k), want):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 

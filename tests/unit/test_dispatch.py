@@ -152,6 +152,14 @@ def test_backends_agree_under_bf16_autocast() -> None:
     fp32 = dispatch(x, routing, experts, "loop")
     torch.testing.assert_close(outs["loop"], fp32, rtol=5e-2, atol=5e-2)
     assert not torch.equal(outs["loop"], fp32)  # experts really ran in bf16
+    # the token-major permutation path too (two experts per token)
+    fixed = Routing(torch.arange(9).repeat_interleave(2), torch.tensor([0, 1, 1, 2, 2, 3, 4, 0] * 2 + [3, 4]),
+                    torch.rand(18), 9, E, per_token=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dispatch(x, fixed, experts, "grouped")
+        ref = dispatch(x, fixed, experts, "loop")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
 
 
 def test_resolve_backend() -> None:
@@ -194,3 +202,44 @@ def test_routing_counts() -> None:
     r = _routing([0, 2, 2, 2], [1, 1, 3, 4], [1.0] * 4, num_tokens=4)
     assert r.load_E().tolist() == [0, 2, 0, 1, 1]
     assert r.experts_per_token_N().tolist() == [1, 0, 3, 0]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "swiglu"])
+@pytest.mark.parametrize("N, k", [(9, 2), (1, 3), (6, 1), (4, E), (0, 2)], ids=["k2", "batch_of_one", "k1", "all", "no_tokens"])
+def test_grouped_fixed_k_path_equals_loop_and_naive(kind: str, N: int, k: int) -> None:
+    """Token-major routings with `per_token` take the permutation path of `grouped`; it must match the
+    loop and the naive reference in the output and every gradient, empty experts included."""
+    gen = torch.Generator().manual_seed(7 * N + k)
+    torch.manual_seed(1)
+    experts = StackedExperts(E, D, H, kind)
+    if kind == "mlp":
+        with torch.no_grad():
+            experts.b1_EH.normal_(generator=gen)
+            experts.b2_ED.normal_(generator=gen)
+    # each token's k distinct experts, drawn from experts 0..3 when k < E so expert 4 stays empty
+    pool = E if k == E else E - 1
+    expert_M = torch.cat([torch.randperm(pool, generator=gen)[:k] for _ in range(N)]) if N else torch.zeros(0, dtype=torch.int64)
+    token_M = torch.arange(N).repeat_interleave(k)
+    weight_M = torch.rand(N * k, generator=gen) + 0.1
+    x_ND, g_ND = torch.randn(N, D, generator=gen), torch.randn(N, D, generator=gen)
+
+    def run(impl: str, fixed: bool):
+        x = x_ND.clone().requires_grad_(True)
+        w = weight_M.clone().requires_grad_(True)
+        routing = Routing(token_M, expert_M, w, N, E, per_token=k if fixed else None)
+        out = _naive(x, routing, experts) if impl == "naive" else dispatch(x, routing, experts, backend=impl)
+        inputs = [x, w, *experts.parameters()]
+        grads = torch.autograd.grad((out * g_ND).sum(), inputs, allow_unused=True) if out.requires_grad else [None] * len(inputs)
+        return [out.detach()] + [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+
+    want = run("naive", False) if N else run("loop", False)
+    for impl in ("loop", "grouped"):
+        for got, ref in zip(run(impl, True), want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=impl)
+    if 0 < k < E and N:
+        assert torch.count_nonzero(run("grouped", True)[3][E - 1]) == 0  # the empty expert's w1 gradient
+
+
+def test_routing_per_token_must_match_the_assignment_count() -> None:
+    with pytest.raises(ValueError, match="per_token=2 needs M = 2 x 3"):
+        Routing(torch.zeros(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64), torch.ones(5), 3, E, per_token=2)

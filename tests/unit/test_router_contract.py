@@ -190,6 +190,8 @@ def test_assignments_are_well_formed(name: str, kw: dict, mode: str) -> None:
     assert routing.weight_M.dtype == torch.float32 and torch.isfinite(routing.weight_M).all()
     assert torch.unique(_pairs(routing)).numel() == M, "a (token, expert) pair is listed twice"
     assert routing.load_E().shape == (E_all,) and routing.load_E().sum() == M
+    if routing.per_token is not None:  # the promise dispatch's reshape-and-sum combine relies on
+        torch.testing.assert_close(routing.token_M, torch.arange(N).repeat_interleave(routing.per_token))
     assert routing.experts_per_token_N().shape == (N,)
     if "load_E" in routing.stats:
         assert torch.equal(routing.stats["load_E"], routing.load_E())

@@ -10,8 +10,11 @@ MoE layer is measured against ("ratio to dense"). Implementations, all on the sa
                  running, and index_add_-ing the weighted result back (the loop of most paper code);
 - mask_loop    : the boolean-mask loop of the DiT-MoE code: every token repeated k times,
                  y[mask_e] = expert_e(x[mask_e]) for each e, then the k copies weighted and summed;
-- moedit_loop / moedit_grouped : `moe.dispatch` with backend loop / grouped (sort by expert once,
-                 per-expert matmuls or one grouped_mm per matrix, weighted index_add_ combine).
+- moedit_loop / moedit_grouped : `moe.dispatch` with backend loop / grouped. The routing is token
+                 choice (k per token, token-major, `per_token` set), so grouped takes its permutation
+                 path (rows moved by permutations, combined by a reshape-and-sum);
+- moedit_grouped_scatter : grouped on the same assignments without `per_token`: the general path
+                 (gather by token index, weighted index_add_ combine) every variable-count router takes.
 
 Routing is top-k of random logits; "skewed" adds a bias to the first E/8 experts so that the most
 loaded expert holds about 3× the mean load (the achieved max/mean is reported). Before timing, every
@@ -21,7 +24,7 @@ implementation's output is compared with a float32 per-expert reference on the s
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +34,7 @@ from moedit.moe.dispatch import dispatch
 from moedit.moe.experts import StackedExperts
 from moedit.moe.routing import Routing
 
-IMPLEMENTATIONS = ("dense", "index_loop", "mask_loop", "moedit_loop", "moedit_grouped")
+IMPLEMENTATIONS = ("dense", "index_loop", "mask_loop", "moedit_loop", "moedit_grouped", "moedit_grouped_scatter")
 SKEW_BIAS = 1.6  # logit bias of the favoured eighth of experts: max/mean load ≈ 3 at E 8–64, top-2
 
 
@@ -63,7 +66,8 @@ def make_routing(T: int, E: int, k: int, skewed: bool, gen: torch.Generator, dev
         logits_TE[:, : max(1, E // 8)] += SKEW_BIAS
     expert_TK = logits_TE.topk(k, dim=-1).indices
     weight_M = torch.rand(T * k, generator=gen).to(device).requires_grad_(True)
-    return Routing(torch.arange(T, device=device).repeat_interleave(k), expert_TK.reshape(-1).to(device), weight_M, T, E)
+    return Routing(torch.arange(T, device=device).repeat_interleave(k), expert_TK.reshape(-1).to(device), weight_M, T, E,
+                   per_token=k)
 
 
 def index_loop(x_TD: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
@@ -99,7 +103,7 @@ def reference(x_TD: torch.Tensor, routing: Routing, experts: StackedExperts) -> 
     ref = StackedExperts(experts.num_experts, experts.width, experts.hidden, experts.kind).to(x_TD.device)
     ref.load_state_dict({k: v.float() for k, v in experts.state_dict().items()})
     fp32 = Routing(routing.token_M, routing.expert_M, routing.weight_M.detach().float(), routing.num_tokens,
-                   routing.num_experts)
+                   routing.num_experts)  # no per_token: the general loop
     return dispatch(x_TD.detach().float(), fp32, ref, "loop")
 
 
@@ -114,6 +118,8 @@ def implementation(name: str, experts: StackedExperts, dense: tuple[torch.Tensor
     if name in ("moedit_loop", "moedit_grouped"):
         backend = name.removeprefix("moedit_")
         return lambda x, r: dispatch(x, r, experts, backend)
+    if name == "moedit_grouped_scatter":
+        return lambda x, r: dispatch(x, replace(r, per_token=None), experts, "grouped")
     raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLEMENTATIONS)}")
 
 

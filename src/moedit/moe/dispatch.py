@@ -9,6 +9,12 @@ Backends (interchangeable; tests check they agree in forward and gradients):
               wherever grouped_mm's 16-byte row alignment does not hold.
 Both combine with a weighted `index_add_`, so a token with no assignment gets exactly zero here and
 keeps only its residual path. Weights are applied in float32 before casting back.
+
+When the routing says every token has exactly k assignments in token-major order (`per_token`: token
+choice, top-1 ProMoE), `grouped` moves rows only by permutations instead: the tokens are repeated k
+times and permuted into expert order, the outputs permuted back and combined as a (N, k, D) weighted
+sum. A permutation written with index_copy has a plain gather as its backward, so neither direction
+accumulates into shared rows (no atomics on a GPU, and the result is deterministic).
 """
 
 from __future__ import annotations
@@ -68,6 +74,25 @@ def dispatch_grouped(x_ND: torch.Tensor, routing: Routing, experts: StackedExper
     return _combine(y_MD, token_M, weight_M, x_ND)
 
 
+def _permute(x_MD: torch.Tensor, dest_M: torch.Tensor) -> torch.Tensor:
+    """out[dest_M[i]] = x_MD[i] for a permutation dest_M; its backward is grad.index_select(0, dest_M)."""
+    return torch.index_copy(torch.empty_like(x_MD), 0, dest_M, x_MD)
+
+
+def dispatch_grouped_fixed(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
+    """`grouped` for routings with exactly k = routing.per_token assignments per token, token-major."""
+    N, k = routing.num_tokens, routing.per_token
+    if N == 0 or k == 0:
+        return torch.zeros_like(x_ND)
+    order_M = torch.argsort(routing.expert_M, stable=True)  # sorted position j holds assignment order_M[j]
+    slot_M = torch.empty_like(order_M).index_copy_(0, order_M, torch.arange(order_M.numel(), device=order_M.device))
+    offs_E = torch.cumsum(torch.bincount(routing.expert_M, minlength=routing.num_experts), 0).to(torch.int32)
+    xs_MD = _permute(x_ND.to(_compute_dtype(x_ND)).repeat_interleave(k, dim=0), slot_M)
+    ys_MD = experts.forward_grouped(xs_MD, routing.expert_M[order_M], offs_E)
+    y_NKD = _permute(ys_MD, order_M).float().view(N, k, -1)
+    return (y_NKD * routing.weight_M.float().view(N, k, 1)).sum(1).to(x_ND.dtype)
+
+
 _IMPLS = {"loop": dispatch_loop, "grouped": dispatch_grouped}
 
 
@@ -88,4 +113,6 @@ def dispatch(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts, back
                 f"({experts.hidden}) to be multiples of 8 (bf16) or 4 (fp32); change them or use backend loop/auto"
             )
         name = "loop"
+    if name == "grouped" and routing.per_token is not None:
+        return dispatch_grouped_fixed(x_ND, routing, experts)
     return _IMPLS[name](x_ND, routing, experts)

@@ -46,6 +46,9 @@ class Routing:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted auxiliary losses
     scores_NE: torch.Tensor | None = None  # raw gate scores, detached, for diagnostics
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached statistics
+    # k when every token has exactly k assignments in token-major order (token_M = arange(N).repeat_interleave(k)),
+    # as token choice and top-1 ProMoE emit: dispatch then combines by a reshape-and-sum instead of a scatter
+    per_token: int | None = None
 
     def __post_init__(self) -> None:
         m = self.token_M.shape[0]
@@ -54,14 +57,17 @@ class Routing:
                 f"Routing needs token_M, expert_M and weight_M of one length M; got "
                 f"{tuple(self.token_M.shape)}, {tuple(self.expert_M.shape)}, {tuple(self.weight_M.shape)}"
             )
+        if self.per_token is not None and m != self.per_token * self.num_tokens:
+            raise ValueError(f"per_token={self.per_token} needs M = {self.per_token} x {self.num_tokens} assignments, got {m}")
 
     @classmethod
     def from_assignments(cls, token_M: torch.Tensor, expert_M: torch.Tensor, weight_M: torch.Tensor, num_tokens: int,
-                         num_experts: int, aux: dict[str, torch.Tensor], scores_NE: torch.Tensor) -> "Routing":
+                         num_experts: int, aux: dict[str, torch.Tensor], scores_NE: torch.Tensor,
+                         per_token: int | None = None) -> "Routing":
         """The usual way a router finishes: scores detached for diagnostics, load per expert as its stat."""
         return cls(token_M=token_M, expert_M=expert_M, weight_M=weight_M, num_tokens=num_tokens,
                    num_experts=num_experts, aux=aux, scores_NE=scores_NE.detach(),
-                   stats={"load_E": torch.bincount(expert_M, minlength=num_experts)})
+                   stats={"load_E": torch.bincount(expert_M, minlength=num_experts)}, per_token=per_token)
 
     def load_E(self) -> torch.Tensor:
         """Assignments per expert (int64)."""

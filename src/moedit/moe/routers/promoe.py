@@ -91,7 +91,7 @@ class ProMoERouter(nn.Module):
         contrastive = routing_contrastive(self.prototypes_ED, x_ND, torch.arange(N, device=x_ND.device), top_N,
                                           self.cfg.contrastive_tau, keep_M=(~uncond_N).float())
         return Routing.from_assignments(torch.arange(N, device=x_ND.device), expert_M, weight_M, N, E + 1,
-                                        {"contrastive": contrastive}, weights_NE)
+                                        {"contrastive": contrastive}, weights_NE, per_token=1)
 
     def _route(self, x_ND, cos_NE, weights_NE, uncond_N, k: int) -> Routing:
         """Any k: conditional and unconditional tokens split by nonzero() (one host sync per layer)."""

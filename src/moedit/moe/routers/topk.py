@@ -73,6 +73,7 @@ class TopKRouter(nn.Module):
             aux={"balance": switch_balance(logits_NE, expert_M), "z": router_z_loss(logits_NE)},
             scores_NE=scores_NE.detach(),
             stats={"load_E": load_E},
+            per_token=k,
         )
 
     @torch.no_grad()
