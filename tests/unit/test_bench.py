@@ -62,3 +62,11 @@ def test_bench_model_cli_writes_json_and_markdown(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert [r["variant"] for r in result["rows"]] == ["dense (FFN 4D)"] and result["rows"][0]["img_per_s"] > 0
     assert "images/s" in out.with_suffix(".md").read_text()
+
+
+def test_bench_sample_cli(tmp_path):
+    out = tmp_path / "sample_cpu"
+    assert cli_main(["bench", "sample", "--device", "cpu", "--repeats", "1", "--impl", "race", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["race E8 top-2 (grouped)"] and result["rows"][0]["img_per_s"] > 0
+    assert "Sampling: euler 10 steps" in out.with_suffix(".md").read_text()

@@ -1,5 +1,5 @@
-"""Whole-model training steps (images/s): a dense DiT against MoE DiTs of equal activated parameters,
-for each router, and the same token-choice MoE through the per-expert loop backend.
+"""Whole-model training steps and sampling (images/s): a dense DiT against MoE DiTs of equal activated
+parameters, for each router, and the same token-choice MoE through the per-expert loop backend.
 
 Each variant is a real `Trainer` (so the timed step is moedit's own: autocast, loss and weighted
 auxiliary losses, backward, clipping, AdamW, routing monitor, EMA) on synthetic class-conditional
@@ -15,9 +15,14 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 
+import torch
+
 from moedit.bench.timing import describe_device, time_call
 from moedit.config import from_dict
 from moedit.train.trainer import Trainer
+
+
+WARM_STEPS = 20  # training steps before timing sampling: EMA thresholds leave their initial values
 
 
 @dataclass(frozen=True)
@@ -80,3 +85,36 @@ def run_model_bench(preset_name: str, device: str, repeats: int = 20, num_expert
     for r in rows:
         r["ratio_to_dense"] = r["img_per_s"] / dense if dense else None
     return {"meta": {**meta, "preset": preset_name, "batch": spec["batch"], "repeats": repeats}, "rows": rows}
+
+
+def run_sample_bench(preset_name: str, device: str, repeats: int = 5, sampler_steps: int = 10,
+                     cfg_scale: float = 1.5, names: list[str] | None = None, log=print) -> dict:
+    """Images/s of `generate` (EMA weights, Euler, classifier-free guidance: 2 forwards per step) per
+    variant, after `WARM_STEPS` training steps so that inference thresholds (race, DiffMoE) hold values
+    learned from data; at inference every router routes each sample on its own (batch-invariant)."""
+    from moedit.config import SampleConfig
+    from moedit.generate import generate
+
+    spec = preset(preset_name)
+    rows, meta = [], {}
+    for variant in variants():
+        if names and not any(n in variant.name for n in names):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = build_trainer(variant, spec, device, tmp)
+            for step in range(WARM_STEPS):
+                trainer.train_step(step)
+            labels_B = torch.arange(spec["batch"]) % 10
+            sample = SampleConfig(sampler="euler", steps=sampler_steps, cfg_scale=cfg_scale)
+            t = time_call(lambda i: generate(trainer.ema.model, trainer.objective, sample, labels_B, trainer.device,
+                                             amp_dtype=trainer.amp_dtype), trainer.device, repeats, warmup=1)
+            meta = describe_device(trainer.device)
+            rows.append({"variant": variant.name, "ms": t.median_ms, "img_per_s": spec["batch"] / (t.median_ms * 1e-3),
+                         "peak_mib": t.peak_mib, "params": sum(p.numel() for p in trainer.model.parameters())})
+            log(f"{variant.name:36s} {t.median_ms:9.1f} ms {rows[-1]['img_per_s']:9.1f} img/s (sampling)")
+            del trainer
+    dense = next((r["img_per_s"] for r in rows if r["variant"].startswith("dense")), None)
+    for r in rows:
+        r["ratio_to_dense"] = r["img_per_s"] / dense if dense else None
+    return {"meta": {**meta, "preset": preset_name, "batch": spec["batch"], "repeats": repeats,
+                     "sampler": f"euler {sampler_steps} steps, guidance {cfg_scale}"}, "rows": rows}

@@ -22,8 +22,9 @@ def layer_markdown(result: dict) -> str:
 
 
 def model_markdown(result: dict) -> str:
-    lines = [_meta_line(result["meta"]) + f" Batch {result['meta']['batch']}.", "",
-             "| variant | step ms | images/s | × dense | peak MiB | parameters |", "|---|---:|---:|---:|---:|---:|"]
+    sampler = f" Sampling: {result['meta']['sampler']}." if "sampler" in result["meta"] else ""
+    lines = [_meta_line(result["meta"]) + f" Batch {result['meta']['batch']}." + sampler, "",
+             "| variant | ms per call (step or batch) | images/s | × dense | peak MiB | parameters |", "|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "—"
         ratio = f"{r['ratio_to_dense']:.2f}" if r["ratio_to_dense"] is not None else "—"

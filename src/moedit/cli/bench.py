@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HELP = "time one MoE layer (vs dense FFN and peer loops) or whole training steps (dense vs MoE per router)"
+HELP = ("time one MoE layer (vs dense FFN and peer loops), whole training steps or sampling "
+        "(dense vs MoE per router)")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("what", choices=("layer", "model"), help="layer: MoE layer fwd+bwd; model: training steps")
+    p.add_argument("what", choices=("layer", "model", "sample"),
+                   help="layer: MoE layer fwd+bwd; model: training steps; sample: generation images/s")
     p.add_argument("--preset", help="layer: dit (D 1152, H 4608, T 8k/32k) or cpu (the quickstart's layer); "
-                   "model: gpu (DiT-XL/2, 256 tokens) or cpu (tiny). Default: by device")
+                   "model/sample: gpu (DiT-XL/2, 256 tokens) or cpu (tiny). Default: by device")
     p.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="layer: parameter and input dtype (default bf16 on cuda)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (median reported)")
@@ -29,10 +31,11 @@ def run(args) -> int:
     if args.what == "layer":
         result, table = _layer(args, torch.device(device), on_gpu)
     else:
-        from moedit.bench.model import run_model_bench
+        from moedit.bench.model import run_model_bench, run_sample_bench
         from moedit.bench.report import model_markdown
 
-        result = run_model_bench(args.preset or ("gpu" if on_gpu else "cpu"), device, args.repeats, names=args.impl)
+        run_bench = run_model_bench if args.what == "model" else run_sample_bench
+        result = run_bench(args.preset or ("gpu" if on_gpu else "cpu"), device, args.repeats, names=args.impl)
         table = model_markdown(result)
     out = Path(args.out or f"benchmarks/results/{args.what}_{result['meta']['preset']}")
     out.parent.mkdir(parents=True, exist_ok=True)
