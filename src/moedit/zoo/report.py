@@ -132,9 +132,9 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
                 steps = [p["step"] for p in runs[0]["curve"]]
                 vals = [[r["curve"][s][key] * scale for r in runs] for s in range(len(steps))]
                 style = "--" if name == "dense" else "-"
-                ax.plot(steps, [statistics.fmean(v) for v in vals], style, marker="o", ms=3, color=cmap(k % 20),
-                        label=name)
-                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=cmap(k % 20), alpha=0.12)
+                colour = cmap((2 * k) % 20 + (2 * k // 20) % 2)  # the ten dark tab20 colours first, then the pale ones
+                ax.plot(steps, [statistics.fmean(v) for v in vals], style, marker="o", ms=3, color=colour, label=name)
+                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=colour, alpha=0.12)
             if key == "fd_lenet":  # KID is unbiased and may dip below 0: linear
                 ax.set_yscale("log")
             ax.set_xlabel("training step")
