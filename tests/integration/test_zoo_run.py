@@ -11,7 +11,7 @@ import yaml
 
 from moedit.cli.main import main as cli_main
 from moedit.data import DatasetError, load_mnist
-from moedit.zoo import ZooSettings, run_zoo
+from moedit.zoo import ZooSettings, run_zoo, write_report
 from moedit.zoo import runner as zoo_runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -70,12 +70,18 @@ def test_zoo_trains_evaluates_tabulates_and_resumes(zoo_file, tmp_path, monkeypa
     dense, topk, race = rows
     assert dense["routing"] == {} and dense["params_router"] == 0
     assert topk["routing"]["experts_per_token"] == pytest.approx(2.0)
+    by_t = [v for v in topk["routing"]["experts_per_token_T"] if v == v]  # buckets no token fell in are NaN
+    assert len(topk["routing"]["experts_per_token_T"]) == 4 and by_t and all(v == pytest.approx(2.0) for v in by_t)
     assert 0 <= topk["routing"]["top1_share"] <= 1 and topk["routing"]["pairs_95"] is not None
     assert race["routing"]["homogenisation"] is not None
     md = (root / "results.md").read_text()
     assert "### mnist" in md and "| race | 1 |" in md and "MaxVio" in md
     assert (root / "quality_vs_steps.png").stat().st_size > 0
 
+    # the report recomputes routing metrics from the records when asked: the same numbers for these runs
+    before = json.dumps(json.loads((race_dir / "result.json").read_text())["routing"])
+    write_report(root, refresh_routing=True)
+    assert json.dumps(json.loads((race_dir / "result.json").read_text())["routing"]) == before
     stamps = {p: p.stat().st_mtime for p in root.glob("mnist/*/seed0/result.json")}
     run_zoo(zoo_file, root, SETTINGS, seeds=[0], progress=False, log=lambda m: None)  # all done: nothing redone
     assert stamps == {p: p.stat().st_mtime for p in root.glob("mnist/*/seed0/result.json")}

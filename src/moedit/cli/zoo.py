@@ -21,7 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("--sampler-steps", type=int, default=20, help="euler steps per sample")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of the evaluation samples")
     p.add_argument("--threads", type=int, help="CPU threads per run (train.threads); default: torch's")
-    p.add_argument("--report-only", action="store_true", help="rewrite the tables and plot from finished runs")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the tables and plot from finished runs (routing metrics recomputed from their records)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -30,7 +31,8 @@ def run(args) -> int:
     from moedit.zoo.plan import load_claims, load_zoo_file
 
     if args.report_only:
-        rows = write_report(args.out, [e.name for e in load_zoo_file(args.zoo)[0]], load_claims(args.zoo))
+        rows = write_report(args.out, [e.name for e in load_zoo_file(args.zoo)[0]], load_claims(args.zoo),
+                            refresh_routing=True)
         print(f"{len(rows)} finished runs tabulated in {args.out}/results.md")
         return 0
     settings = ZooSettings(steps=args.steps, curve_points=args.curve_points, eval_n=args.eval_n,

@@ -19,6 +19,7 @@ from moedit.zoo.plan import (DATASETS, PLAN_FILE, Claim, ZooEntry, ZooError, Zoo
                              check_or_write_plan, load_claims, load_zoo_file, plan_runs,
                              select_entries)
 from moedit.zoo.report import markdown, plot_curves
+from moedit.zoo.routing_stats import routing_stats
 from moedit.zoo.runner import RESULT, run_one
 
 __all__ = ["DATASETS", "ZooEntry", "ZooError", "ZooRun", "ZooSettings", "run_zoo", "write_report"]
@@ -53,14 +54,24 @@ def run_zoo(zoo_file: str | Path, root: str | Path, settings: ZooSettings, *, da
     return write_report(root, [e.name for e in all_entries], load_claims(zoo_file))
 
 
-def write_report(root: str | Path, entry_order: Sequence[str] = (), claims: Sequence[Claim] = ()) -> list[dict]:
+def write_report(root: str | Path, entry_order: Sequence[str] = (), claims: Sequence[Claim] = (),
+                 refresh_routing: bool = False) -> list[dict]:
     """ROOT/results.{md,json} and ROOT/quality_vs_steps.png from every finished run under root; entries
-    in `entry_order` (the zoo file's order), others after them by name; `claims` checked per dataset."""
+    in `entry_order` (the zoo file's order), others after them by name; `claims` checked per dataset.
+    `refresh_routing` recomputes each run's routing metrics from its routing record (and rewrites them
+    into its result.json): runs finished by an older moedit get the current metric definitions."""
     root = Path(root)
     if not (root / PLAN_FILE).is_file():
         raise ZooError(f"{root} holds no zoo ({PLAN_FILE} is missing): run `moedit zoo --out {root}` first")
     settings = json.loads((root / PLAN_FILE).read_text())
-    rows = [json.loads(p.read_text()) for p in sorted(root.glob(f"*/*/seed*/{RESULT}"))]
+    paths = sorted(root.glob(f"*/*/seed*/{RESULT}"))
+    rows = [json.loads(p.read_text()) for p in paths]
+    if refresh_routing:
+        for path, row in zip(paths, rows):
+            if row["model"].get("moe"):
+                row["routing"] = routing_stats(path.parent, row["model"]["moe"]["num_experts"],
+                                               row["model"]["num_classes"])
+                path.write_text(json.dumps(row, indent=1) + "\n")
     order = {name: i for i, name in enumerate(entry_order)}
     rows.sort(key=lambda r: (DATASETS.index(r["dataset"]) if r["dataset"] in DATASETS else 99,
                              order.get(r["entry"], len(order)), r["entry"], r["seed"]))

@@ -60,13 +60,13 @@ def quality_table(entries: dict[str, list[dict]]) -> list[str]:
 
 
 def routing_table(entries: dict[str, list[dict]]) -> list[str]:
-    head = ["entry", *[r[1] for r in ROUTING]]
+    head = ["entry", *[r[1] for r in ROUTING], "experts/token by t (data → noise)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, runs in entries.items():
         if not runs[0]["routing"]:
             continue  # dense: nothing routed
         cells = [_cell([r["routing"].get(key) for r in runs], fmt) for key, _, fmt in ROUTING]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_by_t(runs)} |")
     return lines
 
 
@@ -96,6 +96,15 @@ def claims_table(entries: dict[str, list[dict]], claims: Sequence) -> list[str]:
             cells += [f"{_cell(b, fmt)} vs {_cell(w, fmt)}", verdict(b, w)]
         lines.append(f"| {c.better} < {c.worse} | {c.source} | " + " | ".join(cells) + " |")
     return lines if len(lines) > 2 else []
+
+
+def _by_t(runs: list[dict]) -> str:
+    """Mean over seeds of experts per token in each timestep bucket, as "a / b / c / d"."""
+    series = [r["routing"].get("experts_per_token_T") for r in runs]
+    series = [s for s in series if s]
+    if not series:
+        return "—"
+    return " / ".join(f"{statistics.fmean(v):.2f}" for v in zip(*series))
 
 
 def markdown(rows: list[dict], settings: dict, meta: str, claims: Sequence = ()) -> str:

@@ -10,7 +10,8 @@ layer and then averaged over layers (top-1 share: the worst layer):
 - homogenisation: mean pairwise cosine of the experts' outputs on the same probe tokens;
 - mi_class, mi_timestep: mutual information, in bits, between the chosen expert and the class label
   (real labels only) / the timestep bucket, from the joint assignment counts;
-- experts_per_token and zero_expert_share (race, expert choice and DiffMoE may give a token 0..E);
+- experts_per_token and zero_expert_share (race, expert choice and DiffMoE may give a token 0..E),
+  and experts_per_token_T per timestep bucket (t from 0 = data to 1 = noise): where the compute goes;
 - pairs_95: combination usage (Race-DiT): the co-activated expert pairs of the sampled tokens
   (RUN/routing/tokens.bin), counted, sorted, cumulated: the share of the E(E−1)/2 possible pairs
   needed to hold 95% of the mass. None when tokens never get two experts (top-1 routers).
@@ -18,6 +19,7 @@ layer and then averaged over layers (top-1 share: the worst layer):
 
 from __future__ import annotations
 
+import warnings
 from itertools import combinations
 from pathlib import Path
 
@@ -56,6 +58,14 @@ def pair_share(experts_TK: np.ndarray, num_experts: int, mass: float = PAIR_MASS
     return needed / (num_experts * (num_experts - 1) / 2)
 
 
+def _per_bucket(one: np.ndarray) -> list[float]:
+    """Experts per token in each timestep bucket, mean over layers (NaN for a bucket no token fell in)."""
+    per_YT = rec.ratio(one["load_YTE"][0].sum(-1), one["tokens_T"][0][None, :])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an empty bucket is NaN in every layer
+        return [float(v) for v in np.nanmean(per_YT, axis=0)]
+
+
 def routing_stats(run_dir: str | Path, num_experts: int, num_classes: int) -> dict:
     """The module docstring's metrics for a MoE run; {} for a dense one (no routing record)."""
     if not (Path(run_dir) / "routing" / "header.json").exists():
@@ -82,6 +92,7 @@ def routing_stats(run_dir: str | Path, num_experts: int, num_classes: int) -> di
         "mi_class_bits": float(np.nanmean(mi_class)),
         "mi_timestep_bits": float(np.nanmean(mi_t)),
         "experts_per_token": float(np.nanmean(rec.experts_per_token_RY(one)[0])),
+        "experts_per_token_T": _per_bucket(one),
         "zero_expert_share": float(np.nanmean(rec.zero_expert_share_RY(one)[0])),
         "pairs_95": float(np.mean(pairs)) if pairs else None,
     }
