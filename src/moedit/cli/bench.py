@@ -28,6 +28,8 @@ def run(args) -> int:
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     on_gpu = device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("moedit bench: --device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
     if args.what == "layer":
         result, table = _layer(args, torch.device(device), on_gpu)
     else:
