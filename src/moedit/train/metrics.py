@@ -9,10 +9,15 @@ import torch
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, tensorboard: bool = False, enabled: bool = True):
+    """Appends to RUN/metrics.jsonl. Opening at `start_step` (a resumed run) first drops the rows logged
+    after it: the resumed run logs those steps again, and a row logged twice would draw a curve twice."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
+        if enabled and self.path.exists():
+            _keep_through(self.path, start_step)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -34,6 +39,18 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _keep_through(path: Path, step: int) -> None:
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def routing_metrics(model: torch.nn.Module) -> dict[str, float]:

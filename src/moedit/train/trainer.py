@@ -100,7 +100,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, self.run_dir / "config.yaml")  # only now: the checkpoint and config fit
-        self.metrics = MetricsWriter(self.run_dir, tc.tensorboard, enabled=self.dist.is_main)
+        self.metrics = MetricsWriter(self.run_dir, tc.tensorboard, enabled=self.dist.is_main, start_step=self.start_step)
         self.routing_monitor = build_monitor(  # RUN/routing/ (docs/DIAGNOSTICS.md); a no-op for dense models
             cfg, self.model, self.run_dir, self.start_step, is_main=self.dist.is_main,
             reduce_fn=all_reduce_sum if self.dist.enabled else None, log=tqdm.write)
