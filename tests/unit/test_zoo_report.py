@@ -55,7 +55,7 @@ def test_markdown_tables_per_dataset():
 
 
 def test_write_report_from_result_files(tmp_path):
-    check_or_write_plan(tmp_path, ZooSettings(steps=600))
+    check_or_write_plan(tmp_path, ZooSettings(steps=600, threads=3))
     for entry, seed, fd in (("topk_linear", 0, 20), ("dense", 0, 30), ("dense", 1, 31)):
         d = tmp_path / "mnist" / entry / f"seed{seed}"
         d.mkdir(parents=True)
@@ -64,6 +64,7 @@ def test_write_report_from_result_files(tmp_path):
     assert [(r["entry"], r["seed"]) for r in rows] == [("dense", 0), ("dense", 1), ("topk_linear", 0)]
     assert (tmp_path / "quality_vs_steps.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["steps"] == 600
+    assert "3 thread(s) per run" in (tmp_path / "results.md").read_text()  # the runs' threads, not the report's
     with pytest.raises(ZooError, match="holds no zoo"):
         write_report(tmp_path / "elsewhere")
 

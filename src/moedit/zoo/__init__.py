@@ -27,9 +27,12 @@ __all__ = ["DATASETS", "ZooEntry", "ZooError", "ZooRun", "ZooSettings", "run_zoo
 REPORT_MD, REPORT_JSON, PLOT = "results.md", "results.json", "quality_vs_steps.png"
 
 
-def machine() -> str:
+def machine(threads: int | None = None) -> str:
+    """The device and versions; `threads` is what each run trained with (the zoo's setting), not the
+    thread count of the process writing the report."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
-    return f"{device}, torch {torch.__version__}, Python {platform.python_version()}, {torch.get_num_threads()} threads"
+    threads = threads or torch.get_num_threads()
+    return f"{device}, torch {torch.__version__}, Python {platform.python_version()}, {threads} thread(s) per run"
 
 
 def run_zoo(zoo_file: str | Path, root: str | Path, settings: ZooSettings, *, datasets: Sequence[str] = ("mnist",),
@@ -75,8 +78,9 @@ def write_report(root: str | Path, entry_order: Sequence[str] = (), claims: Sequ
     order = {name: i for i, name in enumerate(entry_order)}
     rows.sort(key=lambda r: (DATASETS.index(r["dataset"]) if r["dataset"] in DATASETS else 99,
                              order.get(r["entry"], len(order)), r["entry"], r["seed"]))
-    (root / REPORT_JSON).write_text(json.dumps({"settings": settings, "machine": machine(), "rows": rows}, indent=1))
-    (root / REPORT_MD).write_text(markdown(rows, settings, machine(), claims))
+    where = machine(settings.get("threads"))
+    (root / REPORT_JSON).write_text(json.dumps({"settings": settings, "machine": where, "rows": rows}, indent=1))
+    (root / REPORT_MD).write_text(markdown(rows, settings, where, claims))
     if rows:
         plot_curves(rows, root / PLOT)
     return rows
