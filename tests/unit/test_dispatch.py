@@ -3,12 +3,16 @@ a naive per-assignment reference, in the forward output and in every gradient (D
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
-from moedit.moe.dispatch import BACKENDS, dispatch, resolve_backend
+from moedit.moe.dispatch import BACKENDS, CPU_GROUPED_BELOW, dispatch, resolve_backend
 from moedit.moe.experts import StackedExperts
 from moedit.moe.routing import Routing
+
+dispatch_module = importlib.import_module("moedit.moe.dispatch")  # the module, not the function moedit.moe exports
 
 D, H, E = 32, 48, 5
 
@@ -165,6 +169,11 @@ def test_backends_agree_under_bf16_autocast() -> None:
 def test_resolve_backend() -> None:
     assert resolve_backend("auto", torch.device("cpu")) == "loop"
     assert resolve_backend("auto", torch.device("cuda")) == "grouped"
+    # on CPU by the shape: few rows per expert -> one grouped call, many -> the loop
+    assert resolve_backend("auto", torch.device("cpu"), rows_per_expert=CPU_GROUPED_BELOW - 1) == "grouped"
+    assert resolve_backend("auto", torch.device("cpu"), rows_per_expert=CPU_GROUPED_BELOW) == "loop"
+    assert resolve_backend("auto", torch.device("cuda"), rows_per_expert=10_000) == "grouped"
+    assert resolve_backend("loop", torch.device("cpu"), rows_per_expert=1) == "loop"
     for name in ("loop", "grouped"):
         assert resolve_backend(name, torch.device("cpu")) == name
     with pytest.raises(ValueError) as err:
@@ -243,3 +252,22 @@ def test_grouped_fixed_k_path_equals_loop_and_naive(kind: str, N: int, k: int) -
 def test_routing_per_token_must_match_the_assignment_count() -> None:
     with pytest.raises(ValueError, match="per_token=2 needs M = 2 x 3"):
         Routing(torch.zeros(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64), torch.ones(5), 3, E, per_token=2)
+
+
+
+@pytest.mark.parametrize("tokens, expect", [(8, "grouped"), (4 * CPU_GROUPED_BELOW, "loop")])
+def test_auto_on_cpu_takes_the_path_for_the_shape_and_agrees_with_loop(tokens, expect, monkeypatch) -> None:
+    torch.manual_seed(0)
+    E, k = 4, 2
+    experts = StackedExperts(E, 8, 16)
+    x = torch.randn(tokens, 8)
+    routing = Routing(torch.arange(tokens).repeat_interleave(k), torch.randint(0, E, (tokens * k,)),
+                      torch.rand(tokens * k), tokens, E, per_token=k)
+    reference = dispatch(x, routing, experts, "loop")
+    taken = []
+    real_fixed, real_loop = dispatch_module.dispatch_grouped_fixed, dispatch_module.dispatch_loop
+    monkeypatch.setattr(dispatch_module, "dispatch_grouped_fixed", lambda *a: taken.append("grouped") or real_fixed(*a))
+    monkeypatch.setitem(dispatch_module._IMPLS, "loop", lambda *a: taken.append("loop") or real_loop(*a))
+    got = dispatch(x, routing, experts, "auto")
+    assert taken == [expect]
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)

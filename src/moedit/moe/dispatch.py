@@ -2,11 +2,15 @@
 
 Backends (interchangeable; tests check they agree in forward and gradients):
 - `loop`    : sort assignments by expert, run each non-empty expert on its slice with plain matmuls.
-              The reference path, and the faster one on CPU (grouped_mm loops internally there).
+              The reference path, and the faster one on CPU for large batches.
 - `grouped` : same sort, then one `F.grouped_mm` per matrix with int32 cumulative offsets; on
               sm90/sm100 GPUs with bf16 this is a single fused kernel per matrix.
-- `auto`    : `grouped` on CUDA, `loop` on CPU (measured: benchmarks/dispatch_cpu.py), and `loop`
-              wherever grouped_mm's 16-byte row alignment does not hold.
+- `auto`    : `grouped` on CUDA. On CPU, by the mean number of rows each expert receives: `grouped`
+              below CPU_GROUPED_BELOW rows (one call beats a Python loop of tiny matmuls: sampling,
+              small batches), `loop` above it (grouped_mm loops over groups internally on CPU and its
+              extra passes then cost more than the loop's overhead). Measured for D 128, E 8–64,
+              top-2/8 by benchmarks/dispatch_cpu.py (docs/PERFORMANCE.md). `loop` wherever
+              grouped_mm's 16-byte row alignment does not hold.
 Both combine with a weighted `index_add_`, so a token with no assignment gets exactly zero here and
 keeps only its residual path. Weights are applied in float32 before casting back.
 
@@ -25,14 +29,22 @@ from moedit.moe.experts import StackedExperts
 from moedit.moe.routing import Routing
 
 BACKENDS = ("auto", "loop", "grouped")
+# On CPU the loop won 7 of the 8 measured cases at 392–784 rows per expert (the eighth within 5%);
+# grouped won all 16 at 12–98 on its permutation path and 15 on its scatter path (the 16th within 7%)
+# (benchmarks/results/dispatch_cpu.json, docs/PERFORMANCE.md); the switch sits between the two.
+CPU_GROUPED_BELOW = 256
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, rows_per_expert: float | None = None) -> str:
+    """The backend that runs; `rows_per_expert` (assignments / experts, a host-side shape, no sync)
+    lets `auto` choose by the shape on CPU, and without it `auto` means `loop` there."""
     if backend not in BACKENDS:
         raise ValueError(f"MoE backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    return "grouped" if device.type == "cuda" else "loop"
+    if device.type == "cuda":
+        return "grouped"
+    return "grouped" if rows_per_expert is not None and rows_per_expert < CPU_GROUPED_BELOW else "loop"
 
 
 def _compute_dtype(x_ND: torch.Tensor) -> torch.dtype:
@@ -105,7 +117,7 @@ def grouped_aligned(x_ND: torch.Tensor, experts: StackedExperts) -> bool:
 def dispatch(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts, backend: str = "auto") -> torch.Tensor:
     if routing.num_tokens != x_ND.shape[0]:
         raise ValueError(f"routing covers {routing.num_tokens} tokens but x has {x_ND.shape[0]}")
-    name = resolve_backend(backend, x_ND.device)
+    name = resolve_backend(backend, x_ND.device, routing.token_M.shape[0] / max(routing.num_experts, 1))
     if name == "grouped" and not grouped_aligned(x_ND, experts):
         if backend != "auto":
             raise ValueError(
