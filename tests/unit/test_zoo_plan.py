@@ -128,3 +128,14 @@ def test_pair_share_known_values():
     # three experts per token give three pairs; -1 slots and top-1 tokens give none
     assert pair_share(np.array([[0, 1, 2, -1]] * 5), 4) == pytest.approx(3 / 6)
     assert pair_share(np.array([[3, -1], [2, -1]]), 4) is None
+
+
+def test_speed_of_a_budget_shorter_than_two_log_windows(tmp_path):
+    """One metrics row gives no window: the segments' own rates stand in, so the row is still timed."""
+    from moedit.zoo.runner import speed
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 20, "elapsed_s": 2.0}) + "\n")
+    segments = [{"train_wall_s": 2.5, "img_per_s": 512.0, "load_5min": 0.1}]
+    got = speed(tmp_path, segments, ZooSettings(steps=20, curve_points=1), batch_size=64, tokens_per_image=49)
+    assert got["tokens_per_s"] == 512.0 * 49 and got["train_wall_s"] == 20 * 64 / 512.0
+    assert speed(tmp_path, [], ZooSettings(steps=20, curve_points=1), 64, 49)["tokens_per_s"] is None

@@ -52,8 +52,8 @@ def run_zoo(zoo_file: str | Path, root: str | Path, settings: ZooSettings, *, da
         log(f"[{i}/{len(runs)}] {run.dataset} {run.entry.name} seed {run.seed}" + (" (done)" if done else ""))
         row = run_one(run, settings, progress)
         f = row["final"]
-        log(f"    FD-LeNet {f['fd_lenet']:.2f}  KID {f['kid']:.4f}  acc {f['accuracy']:.3f}  "
-            f"train {row['train_wall_s']:.0f} s")
+        wall = f"{row['train_wall_s']:.0f} s" if row["train_wall_s"] is not None else "not timed"
+        log(f"    FD-LeNet {f['fd_lenet']:.2f}  KID {f['kid']:.4f}  acc {f['accuracy']:.3f}  train {wall}")
     return write_report(root, [e.name for e in all_entries], load_claims(zoo_file))
 
 

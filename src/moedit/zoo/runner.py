@@ -78,8 +78,11 @@ def window_rates(metrics_path: Path, batch_size: int) -> list[float]:
 
 def speed(run_dir: Path, segments: list[dict], settings: ZooSettings, batch_size: int, tokens_per_image: int) -> dict:
     """Training speed: the median over the logging windows (brief CPU contention moves a mean, hardly a
-    median), the whole budget's wall time at that rate, and the wall time the segments measured."""
+    median; a budget of fewer than two windows uses the segments' average rates), the whole budget's
+    wall time at that rate, and the wall time the segments measured."""
     rates = window_rates(run_dir / "metrics.jsonl", batch_size)
+    if not rates:  # a budget shorter than two logging windows: the segments' own average rates
+        rates = [s["img_per_s"] for s in segments if s.get("img_per_s")]
     img_per_s = statistics.median(rates) if rates else None
     return {"tokens_per_s": img_per_s * tokens_per_image if img_per_s else None,
             "train_wall_s": settings.steps * batch_size / img_per_s if img_per_s else None,
