@@ -1,7 +1,14 @@
 """Shared test fixtures."""
 
+import os
+
 import pytest
 import torch
+
+# The fused MoE backend's Triton kernels (moe/glue_triton.py) run under Triton's interpreter where no
+# GPU is: it has to be on before the kernels are defined, so before any test module imports moedit.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,8 @@ class MoEConfig:
     num_shared: int = 0
     shared_ratio: float | None = None  # shared expert hidden width ratio; None = expert_ratio
     placement: str = "all"  # all | interleaved (odd blocks MoE, even blocks dense)
-    backend: str = "auto"  # auto | loop | grouped
+    backend: str = "auto"  # auto | loop | grouped | fused (grouped with Triton glue kernels; CUDA)
+    expert_layout: str = "row"  # row | col: experts' matrices row- or column-major in memory (moe/experts.py)
     router: RouterConfig = field(default_factory=RouterConfig)
 
 
@@ -450,7 +451,8 @@ def _validate_moe(moe: MoEConfig) -> None:
     from moedit.moe.routers import ROUTERS
 
     _choice(moe.placement, ("all", "interleaved"), "model.moe.placement")
-    _choice(moe.backend, ("auto", "loop", "grouped"), "model.moe.backend")
+    _choice(moe.backend, ("auto", "loop", "grouped", "fused"), "model.moe.backend")
+    _choice(moe.expert_layout, ("row", "col"), "model.moe.expert_layout")
     _choice(moe.router.name, tuple(ROUTERS), "model.moe.router.name")
     r = moe.router
     if r.gate is not None:  # null only for routers without a gate network (promoe: prototypes)

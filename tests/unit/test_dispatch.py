@@ -1,5 +1,6 @@
-"""Dispatch backends: `grouped` (fast path) and `loop` (reference) must agree with each other and with
-a naive per-assignment reference, in the forward output and in every gradient (DESIGN.md rule 6)."""
+"""Dispatch backends: `grouped` and `fused` (fast paths) and `loop` (reference) must agree with each
+other and with a naive per-assignment reference, in the forward output and in every gradient (DESIGN.md
+rule 6). `fused` runs its Triton kernels under Triton's interpreter here (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import importlib
 import pytest
 import torch
 
+from moedit.config import ConfigError, from_dict
+from moedit.moe import glue_triton
 from moedit.moe.dispatch import BACKENDS, CPU_GROUPED_BELOW, dispatch, resolve_backend
 from moedit.moe.experts import StackedExperts
 from moedit.moe.routing import Routing
+from moedit.train.trainer import check_backend_runs
 
 dispatch_module = importlib.import_module("moedit.moe.dispatch")  # the module, not the function moedit.moe exports
 
 D, H, E = 32, 48, 5
+FAST = ("grouped", "fused") if glue_triton.TRITON_FOUND else ("grouped",)
 
 
 def _routing(token_M, expert_M, weight_M, num_tokens, num_experts=E) -> Routing:
@@ -95,10 +100,10 @@ def test_grouped_equals_loop_equals_naive(kind: str, case: str) -> None:
     g_ND = torch.randn(N, D, generator=gen)
 
     results = {impl: _run(impl, x_ND, token_M, expert_M, weight_M, N, experts, g_ND)
-               for impl in ("naive", "loop", "grouped")}
+               for impl in ("naive", "loop", *FAST)}
     ref_out, ref_gx, ref_gw, ref_gp = results["naive"]
     assert ref_out.shape == (N, D)
-    for impl in ("loop", "grouped"):
+    for impl in ("loop", *FAST):
         out, gx, gw, gp = results[impl]
         assert out.shape == (N, D) and out.dtype == x_ND.dtype, impl
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, msg=f"{impl} forward")
@@ -110,7 +115,7 @@ def test_grouped_equals_loop_equals_naive(kind: str, case: str) -> None:
 
     # tokens with no assignment: exactly zero output and zero gradient into x
     unrouted = sorted(set(range(N)) - set(token_M))
-    for impl in ("loop", "grouped"):
+    for impl in ("loop", *FAST):
         out, gx, _, gp = results[impl]
         assert torch.count_nonzero(out[unrouted]) == 0, impl
         assert torch.count_nonzero(gx[unrouted]) == 0, impl
@@ -131,7 +136,7 @@ def test_combine_weights_and_repeats_by_hand() -> None:
     with torch.no_grad():
         f0 = experts.forward_expert(0, x[1:2])[0]
         f3 = experts.forward_expert(3, x[1:2])[0]
-    for backend in ("loop", "grouped"):
+    for backend in ("loop", *FAST):
         w = torch.tensor([0.25, 0.5, 2.0], requires_grad=True)
         out = dispatch(x, _routing([1, 1, 1], [0, 3, 0], w, 3), experts, backend)
         torch.testing.assert_close(out[1], 2.25 * f0 + 0.5 * f3, rtol=1e-5, atol=1e-5)
@@ -148,22 +153,24 @@ def test_backends_agree_under_bf16_autocast() -> None:
     x = torch.randn(9, D)
     routing = _routing([0, 1, 2, 3, 4, 5, 6, 7, 8, 0], [0, 0, 1, 2, 2, 2, 4, 4, 4, 3], torch.rand(10), 9)
     outs = {}
-    for backend in ("loop", "grouped"):
+    for backend in ("loop", *FAST):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outs[backend] = dispatch(x, routing, experts, backend)
         assert outs[backend].dtype == torch.float32  # combined back into x's dtype
-    torch.testing.assert_close(outs["loop"], outs["grouped"], rtol=2e-2, atol=2e-2)
+    for backend in FAST:
+        torch.testing.assert_close(outs["loop"], outs[backend], rtol=2e-2, atol=2e-2)
     fp32 = dispatch(x, routing, experts, "loop")
     torch.testing.assert_close(outs["loop"], fp32, rtol=5e-2, atol=5e-2)
     assert not torch.equal(outs["loop"], fp32)  # experts really ran in bf16
     # the token-major permutation path too (two experts per token)
     fixed = Routing(torch.arange(9).repeat_interleave(2), torch.tensor([0, 1, 1, 2, 2, 3, 4, 0] * 2 + [3, 4]),
                     torch.rand(18), 9, E, per_token=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = dispatch(x, fixed, experts, "grouped")
-        ref = dispatch(x, fixed, experts, "loop")
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    for backend in FAST:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = dispatch(x, fixed, experts, backend)
+            ref = dispatch(x, fixed, experts, "loop")
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
 
 
 def test_resolve_backend() -> None:
@@ -187,7 +194,7 @@ def test_dispatch_rejects_unknown_backend_and_wrong_token_count() -> None:
     experts = StackedExperts(E, D, H, "mlp")
     routing = _routing([0, 1], [0, 1], [1.0, 1.0], 2)
     with pytest.raises(ValueError, match="loop"):
-        dispatch(torch.randn(2, D), routing, experts, backend="fused")
+        dispatch(torch.randn(2, D), routing, experts, backend="triton")
     with pytest.raises(ValueError, match="3"):
         dispatch(torch.randn(3, D), routing, experts, backend="loop")
 
@@ -242,11 +249,12 @@ def test_grouped_fixed_k_path_equals_loop_and_naive(kind: str, N: int, k: int) -
         return [out.detach()] + [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
 
     want = run("naive", False) if N else run("loop", False)
-    for impl in ("loop", "grouped"):
+    for impl in ("loop", *FAST):
         for got, ref in zip(run(impl, True), want):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=impl)
     if 0 < k < E and N:
-        assert torch.count_nonzero(run("grouped", True)[3][E - 1]) == 0  # the empty expert's w1 gradient
+        for impl in FAST:
+            assert torch.count_nonzero(run(impl, True)[3][E - 1]) == 0, impl  # the empty expert's w1 gradient
 
 
 def test_routing_per_token_must_match_the_assignment_count() -> None:
@@ -271,3 +279,40 @@ def test_auto_on_cpu_takes_the_path_for_the_shape_and_agrees_with_loop(tokens, e
     got = dispatch(x, routing, experts, "auto")
     assert taken == [expect]
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_refuses_where_its_kernels_cannot_run(monkeypatch) -> None:
+    experts = StackedExperts(E, D, H, "mlp")
+    routing = _routing([0, 1], [0, 1], [1.0, 1.0], 2)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor, no interpreter: the kernels have no device
+    with pytest.raises(ValueError, match="CUDA, not cpu.*use backend grouped or auto"):
+        dispatch(torch.randn(2, D), routing, experts, backend="fused")
+    # training says so before it touches the run directory
+    cfg = from_dict({"model": {"moe": {"backend": "fused"}}})
+    with pytest.raises(ConfigError, match="model.moe.backend=fused: .*CUDA, not cpu"):
+        check_backend_runs(cfg, torch.device("cpu"))
+    check_backend_runs(from_dict({"model": {"moe": {"backend": "grouped"}}}), torch.device("cpu"))
+    monkeypatch.setattr(glue_triton, "TRITON_FOUND", False)
+    with pytest.raises(ValueError, match="pip install triton"):
+        dispatch(torch.randn(2, D), routing, experts, backend="fused")
+
+
+@pytest.mark.skipif(not glue_triton.TRITON_FOUND, reason="triton is not installed")
+def test_fused_glue_kernels_by_hand() -> None:
+    """The two kernels on a CSR written out: token 0 has rows 2 and 0, token 1 none, token 2 row 1."""
+    ys_MD = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], requires_grad=True)
+    w_J = torch.tensor([0.5, 2.0, -1.0], requires_grad=True)
+    tok_J, pos_J, ptr_N1 = torch.tensor([0, 0, 2]), torch.tensor([2, 0, 1]), torch.tensor([0, 2, 2, 3])
+    out_ND = glue_triton.combine_rows(ys_MD, w_J, tok_J, pos_J, ptr_N1, torch.float32)
+    torch.testing.assert_close(out_ND, torch.tensor([[4.5, 7.0], [0.0, 0.0], [-3.0, -4.0]]))
+    g_ND = torch.tensor([[1.0, 10.0], [7.0, 7.0], [100.0, 1000.0]])
+    out_ND.backward(g_ND)
+    torch.testing.assert_close(w_J.grad, torch.tensor([65.0, 21.0, 4300.0]))  # ⟨g[tok], ys[pos]⟩
+    torch.testing.assert_close(ys_MD.grad, torch.tensor([[2.0, 20.0], [-100.0, -1000.0], [0.5, 5.0]]))
+    x_ND = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], requires_grad=True)
+    src_M = torch.tensor([0, 2, 0])  # sorted rows 0 and 2 come from token 0, row 1 from token 2
+    xs_MD = glue_triton.gather_rows(x_ND, src_M, ptr_N1, pos_J, torch.bfloat16)
+    assert xs_MD.dtype == torch.bfloat16
+    torch.testing.assert_close(xs_MD.float(), x_ND.detach()[src_M])
+    xs_MD.float().backward(torch.tensor([[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]]))
+    torch.testing.assert_close(x_ND.grad, torch.tensor([[5.0, 5.0], [0.0, 0.0], [2.0, 2.0]]))

@@ -5,6 +5,9 @@ Backends (interchangeable; tests check they agree in forward and gradients):
               The reference path, and the faster one on CPU for large batches.
 - `grouped` : same sort, then one `F.grouped_mm` per matrix with int32 cumulative offsets; on
               sm90/sm100 GPUs with bf16 this is a single fused kernel per matrix.
+- `fused`   : `grouped`'s products with the row movement done by two Triton kernels (moe/glue_triton.py):
+              one pass gathers and casts the rows, one pass weights and sums them per token, and their
+              backwards are segment sums (no atomics). CUDA; on CPU only under Triton's interpreter.
 - `auto`    : `grouped` on CUDA. On CPU, by the mean number of rows each expert receives: `grouped`
               below CPU_GROUPED_BELOW rows (one call beats a Python loop of tiny matmuls: sampling,
               small batches), `loop` above it (grouped_mm loops over groups internally on CPU and its
@@ -28,7 +31,7 @@ import torch
 from moedit.moe.experts import StackedExperts
 from moedit.moe.routing import Routing
 
-BACKENDS = ("auto", "loop", "grouped")
+BACKENDS = ("auto", "loop", "grouped", "fused")
 # On CPU the loop won 7 of the 8 measured cases at 392–784 rows per expert (the eighth within 5%);
 # grouped won all 16 at 12–98 on its permutation path and 15 on its scatter path (the 16th within 7%)
 # (benchmarks/results/dispatch_cpu.json, docs/PERFORMANCE.md); the switch sits between the two.
@@ -91,21 +94,53 @@ def _permute(x_MD: torch.Tensor, dest_M: torch.Tensor) -> torch.Tensor:
     return torch.index_copy(torch.empty_like(x_MD), 0, dest_M, x_MD)
 
 
+def _expert_order(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """order_M: sorted row p holds assignment order_M[p]; slot_M its inverse (assignment → sorted row);
+    offs_E: int32 cumulative ends of each expert's rows, as grouped_mm takes them."""
+    order_M = torch.argsort(routing.expert_M, stable=True)
+    slot_M = torch.empty_like(order_M).index_copy_(0, order_M, torch.arange(order_M.numel(), device=order_M.device))
+    offs_E = torch.cumsum(torch.bincount(routing.expert_M, minlength=routing.num_experts), 0).to(torch.int32)
+    return order_M, slot_M, offs_E
+
+
 def dispatch_grouped_fixed(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
     """`grouped` for routings with exactly k = routing.per_token assignments per token, token-major."""
     N, k = routing.num_tokens, routing.per_token
     if N == 0 or k == 0:
         return torch.zeros_like(x_ND)
-    order_M = torch.argsort(routing.expert_M, stable=True)  # sorted position j holds assignment order_M[j]
-    slot_M = torch.empty_like(order_M).index_copy_(0, order_M, torch.arange(order_M.numel(), device=order_M.device))
-    offs_E = torch.cumsum(torch.bincount(routing.expert_M, minlength=routing.num_experts), 0).to(torch.int32)
+    order_M, slot_M, offs_E = _expert_order(routing)
     xs_MD = _permute(x_ND.to(_compute_dtype(x_ND)).repeat_interleave(k, dim=0), slot_M)
     ys_MD = experts.forward_grouped(xs_MD, routing.expert_M[order_M], offs_E)
     y_NKD = _permute(ys_MD, order_M).float().view(N, k, -1)
     return (y_NKD * routing.weight_M.float().view(N, k, 1)).sum(1).to(x_ND.dtype)
 
 
-_IMPLS = {"loop": dispatch_loop, "grouped": dispatch_grouped}
+def _token_major(routing: Routing, slot_M: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The assignments as a token-major CSR: (ptr_N1, tok_J, pos_J, weight_J), pos_J the sorted row."""
+    N, device = routing.num_tokens, routing.token_M.device
+    if routing.per_token is not None:  # token-major already, k per token
+        ptr_N1 = torch.arange(N + 1, device=device) * routing.per_token
+        return ptr_N1, routing.token_M, slot_M, routing.weight_M
+    by_token_M = torch.argsort(routing.token_M, stable=True)
+    ptr_N1 = torch.zeros(N + 1, dtype=torch.long, device=device)
+    torch.cumsum(torch.bincount(routing.token_M, minlength=N), 0, out=ptr_N1[1:])
+    return ptr_N1, routing.token_M[by_token_M], slot_M[by_token_M], routing.weight_M[by_token_M]
+
+
+def dispatch_fused(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
+    """`grouped` with Triton's one-pass gather and combine (any routing, token-major or not)."""
+    from moedit.moe import glue_triton  # Triton is optional: imported only where this backend runs
+
+    if routing.token_M.numel() == 0:
+        return torch.zeros_like(x_ND)
+    order_M, slot_M, offs_E = _expert_order(routing)
+    ptr_N1, tok_J, pos_J, weight_J = _token_major(routing, slot_M)
+    xs_MD = glue_triton.gather_rows(x_ND, routing.token_M[order_M], ptr_N1, pos_J, _compute_dtype(x_ND))
+    ys_MD = experts.forward_grouped(xs_MD, routing.expert_M[order_M], offs_E)
+    return glue_triton.combine_rows(ys_MD, weight_J, tok_J, pos_J, ptr_N1, x_ND.dtype)
+
+
+_IMPLS = {"loop": dispatch_loop, "grouped": dispatch_grouped, "fused": dispatch_fused}
 
 
 def grouped_aligned(x_ND: torch.Tensor, experts: StackedExperts) -> bool:
@@ -118,10 +153,15 @@ def dispatch(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts, back
     if routing.num_tokens != x_ND.shape[0]:
         raise ValueError(f"routing covers {routing.num_tokens} tokens but x has {x_ND.shape[0]}")
     name = resolve_backend(backend, x_ND.device, routing.token_M.shape[0] / max(routing.num_experts, 1))
-    if name == "grouped" and not grouped_aligned(x_ND, experts):
+    if name == "fused":
+        from moedit.moe.glue_triton import unavailable_reason
+
+        if (reason := unavailable_reason(x_ND.device)) is not None:
+            raise ValueError(reason)
+    if name in ("grouped", "fused") and not grouped_aligned(x_ND, experts):
         if backend != "auto":
             raise ValueError(
-                f"the grouped MoE backend needs the model width ({experts.width}) and expert hidden width "
+                f"the {name} MoE backend needs the model width ({experts.width}) and expert hidden width "
                 f"({experts.hidden}) to be multiples of 8 (bf16) or 4 (fp32); change them or use backend loop/auto"
             )
         name = "loop"

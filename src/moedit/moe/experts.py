@@ -6,6 +6,13 @@ matrix product can run all of them at once (ROUTERS.md §1).
 
 Expert e computes exactly what models/ffn.py's dense FFN of the same kind and width computes with
 fc1.weight = w1[e]ᵀ, etc.; that identity is what dense→MoE conversion relies on.
+
+`layout` says how each expert's matrices lie in memory, never their shape or names: `row` stores
+w1_EDH row-major per expert (contiguous), `col` stores it column-major per expert (strides (D·H, 1, D):
+the nn.Linear order, which is how a grouped product's kernel may prefer to read its second operand).
+Parameters, gradients (autograd gives a parameter's gradient its strides), optimizer state and
+checkpoints (written contiguous, loaded by copy) are the same in either layout, so a checkpoint loads
+into a model of either layout.
 """
 
 from __future__ import annotations
@@ -17,22 +24,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
+LAYOUTS = ("row", "col")
+
+
+def _stacked(E: int, rows: int, cols: int, layout: str) -> nn.Parameter:
+    """An (E, rows, cols) parameter, each expert's matrix row-major (`row`) or column-major (`col`)."""
+    return nn.Parameter(torch.empty(E, rows, cols) if layout == "row" else torch.empty(E, cols, rows).transpose(1, 2))
+
+
 class StackedExperts(nn.Module):
     no_weight_decay = ("b1_EH", "b2_ED")  # stacked biases: 2-D tensors that are still biases
 
-    def __init__(self, num_experts: int, width: int, hidden: int, kind: str = "mlp"):
+    def __init__(self, num_experts: int, width: int, hidden: int, kind: str = "mlp", layout: str = "row"):
         super().__init__()
         if kind not in ("mlp", "swiglu"):
             raise ValueError(f"expert kind {kind!r} is unknown; choose mlp or swiglu")
-        self.num_experts, self.width, self.hidden, self.kind = num_experts, width, hidden, kind
+        if layout not in LAYOUTS:
+            raise ValueError(f"expert weight layout {layout!r} is unknown; choose {' or '.join(LAYOUTS)}")
+        self.num_experts, self.width, self.hidden, self.kind, self.layout = num_experts, width, hidden, kind, layout
         E, D, H = num_experts, width, hidden
-        self.w1_EDH = nn.Parameter(torch.empty(E, D, H))
-        self.w2_EHD = nn.Parameter(torch.empty(E, H, D))
+        self.w1_EDH = _stacked(E, D, H, layout)
+        self.w2_EHD = _stacked(E, H, D, layout)
         if kind == "mlp":
             self.b1_EH = nn.Parameter(torch.zeros(E, H))
             self.b2_ED = nn.Parameter(torch.zeros(E, D))
         else:
-            self.wu_EDH = nn.Parameter(torch.empty(E, D, H))
+            self.wu_EDH = _stacked(E, D, H, layout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -91,4 +108,5 @@ class StackedExperts(nn.Module):
         return out_ND
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, width={self.width}, hidden={self.hidden}, kind={self.kind}"
+        return (f"experts={self.num_experts}, width={self.width}, hidden={self.hidden}, kind={self.kind}, "
+                f"layout={self.layout}")

@@ -29,11 +29,13 @@ class MoELayer(nn.Module):
         self.router = build_router(width, cfg.num_experts, cfg.router, target_dim=target_dim)
         # routed experts: the configured ones plus any the router adds (ProMoE's unconditional expert)
         num_routed = cfg.num_experts + extra_experts(cfg.router.name)
-        self.experts = StackedExperts(num_routed, width, expert_hidden(width, cfg.expert_ratio), ffn_kind)
+        self.experts = StackedExperts(num_routed, width, expert_hidden(width, cfg.expert_ratio), ffn_kind,
+                                       cfg.expert_layout)
         self.shared: StackedExperts | None = None
         if cfg.num_shared > 0:
             shared_ratio = cfg.shared_ratio if cfg.shared_ratio is not None else cfg.expert_ratio
-            self.shared = StackedExperts(cfg.num_shared, width, expert_hidden(width, shared_ratio), ffn_kind)
+            self.shared = StackedExperts(cfg.num_shared, width, expert_hidden(width, shared_ratio), ffn_kind,
+                                          cfg.expert_layout)
         self.last_routing: Routing | None = None
 
     def forward(self, x_BLD: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:

@@ -50,6 +50,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_backend_runs(cfg: Config, device: torch.device) -> None:
+    """The fused MoE backend needs Triton and CUDA: say so before the run directory is touched."""
+    moe = cfg.model.moe
+    if moe is not None and moe.backend == "fused":
+        from moedit.moe.glue_triton import unavailable_reason
+
+        if (reason := unavailable_reason(device)) is not None:
+            raise ConfigError(f"model.moe.backend=fused: {reason}")
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -77,6 +87,7 @@ class Trainer:
         self.dist = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        check_backend_runs(cfg, self.device)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)

@@ -1,0 +1,163 @@
+"""Triton kernels for the routing glue around the grouped expert products (backend `fused`).
+
+The grouped backend moves rows with several full passes over the (M, D) assignment tensor: cast, repeat,
+permute (or gather), and after the experts permute back, widen to float32, weight, sum (or index_add_).
+Here each direction is one pass, as ScatterMoE argues, and no pass accumulates through atomics:
+
+- gather  : xs[p] = x[src[p]] cast to the experts' dtype, p over the M expert-sorted rows.
+            Backward: dx[i] = Σ_{j ∈ seg(i)} dxs[pos[j]]          (a segment sum, float32)
+- combine : out[i] = Σ_{j ∈ seg(i)} w[j] · ys[pos[j]]          (float32, cast once)
+            Backward: dys[pos[j]] = w[j] · dout[tok[j]],  dw[j] = ⟨dout[tok[j]], ys[pos[j]]⟩
+
+The assignments j are listed token-major (CSR): seg(i) = [ptr[i], ptr[i+1]), tok[j] its token, pos[j]
+its row among the expert-sorted rows. Token choice is token-major already; other routers are sorted
+by token once. A token with no assignment has an empty segment and gets exactly zero, as in every
+backend. Each output element is written by exactly one program, so results are deterministic.
+
+The kernels run on CUDA; with TRITON_INTERPRET=1 set before this module is imported, Triton's
+interpreter runs them on CPU tensors, which is how the test suite checks them against the loop.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+TRITON_FOUND = importlib.util.find_spec("triton") is not None
+if TRITON_FOUND:
+    import triton
+    import triton.language as tl
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the fused backend cannot run on `device`, or None when it can."""
+    if not TRITON_FOUND:
+        return "the fused MoE backend needs Triton (pip install triton); use backend grouped or auto"
+    if device.type != "cuda" and not interpreting():
+        return (f"the fused MoE backend runs its Triton kernels on CUDA, not {device.type} (TRITON_INTERPRET=1 "
+                f"runs them slowly on CPU, for tests); use backend grouped or auto")
+    return None
+
+
+def _block_d(D: int) -> int:
+    # a row segment per program; 256 columns keep the masked tail small at DiT widths (1152 = 4.5 × 256)
+    return max(16, min(256, triton.next_power_of_2(D)))
+
+
+if TRITON_FOUND:
+
+    @triton.jit
+    def _segment_sum_kernel(src_ptr, idx_ptr, w_ptr, ptr_ptr, out_ptr, D: tl.constexpr, stride_src, stride_out,
+                            SEGMENTS: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[row] = Σ_{j ∈ seg(row)} (w[j]·) src[idx[j]]; without SEGMENTS each row's segment is {row}."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        if SEGMENTS:
+            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            j = tl.load(ptr_ptr + row)
+            end = tl.load(ptr_ptr + row + 1)
+            while j < end:  # a while loop: Triton's interpreter takes no loaded values as range() bounds
+                r = tl.load(idx_ptr + j)
+                v = tl.load(src_ptr + r * stride_src + cols, mask=mask, other=0.0).to(tl.float32)
+                if WEIGHTED:
+                    v = v * tl.load(w_ptr + j)
+                acc += v
+                j += 1
+        else:  # one row each: a gather with a cast
+            acc = tl.load(src_ptr + tl.load(idx_ptr + row) * stride_src + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _combine_backward_kernel(dout_ptr, ys_ptr, tok_ptr, pos_ptr, w_ptr, dys_ptr, dw_ptr, D: tl.constexpr,
+                                 stride_dout, stride_ys, stride_dys, BLOCK_D: tl.constexpr):
+        """For assignment j: dys[pos[j]] = w[j]·dout[tok[j]] and dw[j] = ⟨dout[tok[j]], ys[pos[j]]⟩."""
+        j = tl.program_id(0).to(tl.int64)
+        t = tl.load(tok_ptr + j)
+        p = tl.load(pos_ptr + j)
+        w = tl.load(w_ptr + j)
+        dot = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for c0 in tl.static_range(0, D, BLOCK_D):  # D is a compile-time constant: the loop unrolls
+            cols = c0 + tl.arange(0, BLOCK_D)
+            mask = cols < D
+            g = tl.load(dout_ptr + t * stride_dout + cols, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(ys_ptr + p * stride_ys + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dys_ptr + p * stride_dys + cols, (g * w).to(dys_ptr.dtype.element_ty), mask=mask)
+            dot += g * y
+        tl.store(dw_ptr + j, tl.sum(dot, axis=0))
+
+
+def _segment_sum(src_RD: torch.Tensor, idx_J: torch.Tensor, rows: int, dtype: torch.dtype,
+                 ptr_N1: torch.Tensor | None = None, w_J: torch.Tensor | None = None) -> torch.Tensor:
+    D = src_RD.shape[1]
+    out_ND = torch.empty(rows, D, dtype=dtype, device=src_RD.device)
+    if rows == 0 or D == 0:
+        return out_ND.zero_()
+    block = _block_d(D)
+    grid = (rows, triton.cdiv(D, block))
+    _segment_sum_kernel[grid](src_RD, idx_J, w_J if w_J is not None else idx_J, ptr_N1 if ptr_N1 is not None else idx_J,
+                              out_ND, D, src_RD.stride(0), out_ND.stride(0),
+                              SEGMENTS=ptr_N1 is not None, WEIGHTED=w_J is not None, BLOCK_D=block)
+    return out_ND
+
+
+class _Gather(torch.autograd.Function):
+    """xs[p] = x[src[p]].to(dtype); the backward sums each token's rows through its CSR segment."""
+
+    @staticmethod
+    def forward(ctx, x_ND, src_M, ptr_N1, pos_J, dtype):
+        x_ND = x_ND.contiguous()
+        ctx.save_for_backward(ptr_N1, pos_J)
+        ctx.x_dtype = x_ND.dtype
+        return _segment_sum(x_ND, src_M, src_M.shape[0], dtype)
+
+    @staticmethod
+    def backward(ctx, dxs_MD):
+        ptr_N1, pos_J = ctx.saved_tensors
+        dx_ND = _segment_sum(dxs_MD.contiguous(), pos_J, ptr_N1.shape[0] - 1, ctx.x_dtype, ptr_N1=ptr_N1)
+        return dx_ND, None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """out[i] = Σ_{j ∈ seg(i)} w[j] · ys[pos[j]] in float32, cast to out_dtype."""
+
+    @staticmethod
+    def forward(ctx, ys_MD, w_J, tok_J, pos_J, ptr_N1, out_dtype):
+        ys_MD, w32_J = ys_MD.contiguous(), w_J.float().contiguous()
+        ctx.save_for_backward(ys_MD, w32_J, tok_J, pos_J)
+        ctx.w_dtype = w_J.dtype
+        return _segment_sum(ys_MD, pos_J, ptr_N1.shape[0] - 1, out_dtype, ptr_N1=ptr_N1, w_J=w32_J)
+
+    @staticmethod
+    def backward(ctx, dout_ND):
+        ys_MD, w32_J, tok_J, pos_J = ctx.saved_tensors
+        dout_ND = dout_ND.contiguous()
+        dys_MD = torch.empty_like(ys_MD)
+        dw_J = torch.empty_like(w32_J)
+        M, D = ys_MD.shape
+        if M > 0 and D > 0:
+            _combine_backward_kernel[(M,)](dout_ND, ys_MD, tok_J, pos_J, w32_J, dys_MD, dw_J, D, dout_ND.stride(0),
+                                           ys_MD.stride(0), dys_MD.stride(0), BLOCK_D=_block_d(D))
+        else:
+            dys_MD.zero_()
+            dw_J.zero_()
+        return dys_MD, dw_J.to(ctx.w_dtype), None, None, None, None
+
+
+def gather_rows(x_ND: torch.Tensor, src_M: torch.Tensor, ptr_N1: torch.Tensor, pos_J: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The expert-sorted rows x[src_M] in `dtype`; (ptr_N1, pos_J) is the token-major CSR of the same
+    assignments, which the backward uses to sum each token's gradient rows without atomics."""
+    return _Gather.apply(x_ND, src_M, ptr_N1, pos_J, dtype)
+
+
+def combine_rows(ys_MD: torch.Tensor, w_J: torch.Tensor, tok_J: torch.Tensor, pos_J: torch.Tensor,
+                 ptr_N1: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """out[i] = Σ_{j ∈ [ptr[i], ptr[i+1])} w_J[j] · ys_MD[pos_J[j]] (float32 sums, one cast)."""
+    return _Combine.apply(ys_MD, w_J, tok_J, pos_J, ptr_N1, out_dtype)
