@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from moedit.bench.layer import LayerCase, implementation, make_routing, run_case
+from moedit.bench.layer import LayerCase, implementation, make_routing, run_case, runnable
+from moedit.bench.model import variants
 from moedit.bench.report import layer_markdown, model_markdown
 from moedit.cli.main import main as cli_main
 from moedit.moe.experts import StackedExperts
@@ -36,9 +37,25 @@ def test_peer_loops_match_moedit_forward_and_gradients(tokens, skewed):
     x = torch.randn(tokens, 8, generator=gen)
     want = _grads("moedit_loop", experts, x, routing, k)
     assert routing.load_E().min() == 0 or tokens > 1  # a batch of one leaves experts empty
-    for name in ("index_loop", "mask_loop", "moedit_grouped", "moedit_grouped_scatter"):
+    for name in ("index_loop", "mask_loop", "moedit_grouped", "moedit_grouped_scatter", "moedit_fused",
+                 "moedit_fused_scatter"):
         for got, ref in zip(_grads(name, experts, x, routing, k), want):
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
+    for name in ("moedit_grouped_col", "moedit_fused_col"):  # a column-major copy: its own parameters
+        y = implementation(name, experts, (), k)(x, routing)
+        torch.testing.assert_close(y, want[0], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fused_implementations_are_left_out_where_they_cannot_run(monkeypatch):
+    names = ("dense", "moedit_grouped", "moedit_fused", "moedit_fused_col")
+    assert runnable(names, torch.device("cpu")) == (names, None)  # the interpreter is on in tests
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kept, reason = runnable(names, torch.device("cpu"))
+    assert kept == ("dense", "moedit_grouped") and "CUDA" in reason
+    with pytest.raises(SystemExit, match="moedit_fused cannot run here: .*CUDA"):
+        cli_main(["bench", "layer", "--device", "cpu", "--impl", "moedit_fused"])
+    assert not any("fused" in v.name for v in variants())
+    assert [v.name for v in variants(fused=True) if "fused" in v.name] == ["topk E8 top-2 (fused)", "race E8 top-2 (fused)"]
 
 
 def test_run_case_rows_and_tables():
@@ -66,7 +83,7 @@ def test_bench_model_cli_writes_json_and_markdown(tmp_path):
 
 def test_bench_sample_cli(tmp_path):
     out = tmp_path / "sample_cpu"
-    assert cli_main(["bench", "sample", "--device", "cpu", "--repeats", "1", "--impl", "race", "--out", str(out)]) == 0
+    assert cli_main(["bench", "sample", "--device", "cpu", "--repeats", "1", "--impl", "race E8 top-2 (grouped)", "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     assert [r["variant"] for r in result["rows"]] == ["race E8 top-2 (grouped)"] and result["rows"][0]["img_per_s"] > 0
     assert "Sampling: euler 10 steps" in out.with_suffix(".md").read_text()

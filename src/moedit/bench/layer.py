@@ -15,6 +15,10 @@ MoE layer is measured against ("ratio to dense"). Implementations, all on the sa
                  path (rows moved by permutations, combined by a reshape-and-sum);
 - moedit_grouped_scatter : grouped on the same assignments without `per_token`: the general path
                  (gather by token index, weighted index_add_ combine) every variable-count router takes.
+- moedit_fused / moedit_fused_scatter : backend fused (Triton one-pass gather and combine; CUDA only),
+                 on the token-major routing and on the general one (which it first sorts by token);
+- moedit_grouped_col / moedit_fused_col : the same on experts stored column-major (`expert_layout:
+                 col`), the layout question of the grouped product.
 
 Routing is top-k of random logits; "skewed" adds a bias to the first E/8 experts so that the most
 loaded expert holds about 3× the mean load (the achieved max/mean is reported). Before timing, every
@@ -34,7 +38,25 @@ from moedit.moe.dispatch import dispatch
 from moedit.moe.experts import StackedExperts
 from moedit.moe.routing import Routing
 
-IMPLEMENTATIONS = ("dense", "index_loop", "mask_loop", "moedit_loop", "moedit_grouped", "moedit_grouped_scatter")
+IMPLEMENTATIONS = ("dense", "index_loop", "mask_loop", "moedit_loop", "moedit_grouped", "moedit_grouped_scatter",
+                   "moedit_grouped_col", "moedit_fused", "moedit_fused_scatter", "moedit_fused_col")
+
+
+def runnable(names: tuple[str, ...], device: torch.device) -> tuple[tuple[str, ...], str | None]:
+    """The implementations that can run on `device` and, if any were left out, why."""
+    from moedit.moe.glue_triton import unavailable_reason
+
+    reason = unavailable_reason(device)
+    if reason is None:
+        return names, None
+    return tuple(n for n in names if "fused" not in n), reason
+
+
+def column_major_copy(experts: StackedExperts) -> StackedExperts:
+    col = StackedExperts(experts.num_experts, experts.width, experts.hidden, experts.kind, layout="col")
+    col = col.to(device=experts.w1_EDH.device, dtype=experts.w1_EDH.dtype)
+    col.load_state_dict(experts.state_dict())
+    return col
 SKEW_BIAS = 1.6  # logit bias of the favoured eighth of experts: max/mean load ≈ 3 at E 8–64, top-2
 
 
@@ -115,11 +137,14 @@ def implementation(name: str, experts: StackedExperts, dense: tuple[torch.Tensor
         return lambda x, r: index_loop(x, r, experts)
     if name == "mask_loop":
         return lambda x, r: mask_loop(x, r, experts, k)
-    if name in ("moedit_loop", "moedit_grouped"):
+    if name.endswith("_col"):
+        return implementation(name.removesuffix("_col"), column_major_copy(experts), dense, k)
+    if name in ("moedit_loop", "moedit_grouped", "moedit_fused"):
         backend = name.removeprefix("moedit_")
         return lambda x, r: dispatch(x, r, experts, backend)
-    if name == "moedit_grouped_scatter":
-        return lambda x, r: dispatch(x, replace(r, per_token=None), experts, "grouped")
+    if name in ("moedit_grouped_scatter", "moedit_fused_scatter"):
+        backend = name.removeprefix("moedit_").removesuffix("_scatter")
+        return lambda x, r: dispatch(x, replace(r, per_token=None), experts, backend)
     raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLEMENTATIONS)}")
 
 

@@ -31,7 +31,9 @@ class ModelVariant:
     moe: dict | None  # model.moe section; None = dense
 
 
-def variants(num_experts: int = 8) -> list[ModelVariant]:
+def variants(num_experts: int = 8, fused: bool = False) -> list[ModelVariant]:
+    """Dense, each router on the grouped backend, token choice on the loop backend and with column-major
+    experts; with `fused` (where its Triton kernels run) token choice and race on the fused backend."""
     coarse = {"num_experts": num_experts, "expert_ratio": 2.0}
     out = [ModelVariant("dense (FFN 4D)", None)]
     for router, extra in (("topk", {}), ("expert_choice", {"capacity": 2.0}), ("diffmoe", {"capacity": 2.0}),
@@ -41,7 +43,20 @@ def variants(num_experts: int = 8) -> list[ModelVariant]:
     out.append(ModelVariant(f"promoe E{num_experts} top-1 4D (grouped)",
                             {"num_experts": num_experts, "expert_ratio": 4.0, "router": {"name": "promoe", "top_k": 1}}))
     out.append(ModelVariant(f"topk E{num_experts} top-2 (loop)", {**coarse, "backend": "loop", "router": {"name": "topk"}}))
+    out.append(ModelVariant(f"topk E{num_experts} top-2 (grouped, col)",
+                            {**coarse, "expert_layout": "col", "router": {"name": "topk"}}))
+    if fused:
+        for router in ("topk", "race"):
+            out.append(ModelVariant(f"{router} E{num_experts} top-2 (fused)",
+                                    {**coarse, "backend": "fused", "router": {"name": router, "top_k": 2}}))
     return out
+
+
+def _fused_runs(device: str) -> bool:
+    from moedit.moe.glue_triton import unavailable_reason
+    from moedit.train.trainer import resolve_device
+
+    return unavailable_reason(resolve_device(device)) is None
 
 
 def preset(name: str) -> dict:
@@ -69,7 +84,7 @@ def run_model_bench(preset_name: str, device: str, repeats: int = 20, num_expert
                     names: list[str] | None = None, log=print) -> dict:
     spec = preset(preset_name)
     rows, meta = [], {}
-    for variant in variants(num_experts):
+    for variant in variants(num_experts, fused=_fused_runs(device)):
         if names and not any(n in variant.name for n in names):
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +112,7 @@ def run_sample_bench(preset_name: str, device: str, repeats: int = 5, sampler_st
 
     spec = preset(preset_name)
     rows, meta = [], {}
-    for variant in variants():
+    for variant in variants(fused=_fused_runs(device)):
         if names and not any(n in variant.name for n in names):
             continue
         with tempfile.TemporaryDirectory() as tmp:

@@ -51,7 +51,7 @@ def run(args) -> int:
 def _layer(args, device, on_gpu: bool) -> tuple[dict, str]:
     import torch
 
-    from moedit.bench.layer import IMPLEMENTATIONS, cpu_cases, dit_cases, run_case
+    from moedit.bench.layer import IMPLEMENTATIONS, cpu_cases, dit_cases, run_case, runnable
     from moedit.bench.report import layer_markdown
     from moedit.bench.timing import describe_device
 
@@ -62,6 +62,12 @@ def _layer(args, device, on_gpu: bool) -> tuple[dict, str]:
     unknown = set(names) - set(IMPLEMENTATIONS)
     if unknown:
         raise SystemExit(f"moedit bench: unknown implementation(s) {sorted(unknown)}; choose from {', '.join(IMPLEMENTATIONS)}")
+    kept, reason = runnable(names, device)
+    if reason is not None and args.impl and kept != names:
+        raise SystemExit(f"moedit bench: {', '.join(sorted(set(names) - set(kept)))} cannot run here: {reason}")
+    if reason is not None and kept != names:
+        print(f"leaving out {', '.join(n for n in names if n not in kept)}: {reason}")
+    names = kept
     rows = []
     for case in cases:
         for routing in args.routing:
