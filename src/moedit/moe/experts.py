@@ -32,6 +32,29 @@ def _stacked(E: int, rows: int, cols: int, layout: str) -> nn.Parameter:
     return nn.Parameter(torch.empty(E, rows, cols) if layout == "row" else torch.empty(E, cols, rows).transpose(1, 2))
 
 
+class _ExpertRows(torch.autograd.Function):
+    """b_EX[expert_M] with the gradient summed per expert by one matrix product, onehot_EMᵀ · g_MX: plain
+    indexing's backward accumulates M rows into E targets one after another (index_put), a product
+    reduces them in parallel and in a fixed order."""
+
+    @staticmethod
+    def forward(ctx, b_EX: torch.Tensor, expert_M: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(expert_M)
+        ctx.num_experts = b_EX.shape[0]
+        return b_EX[expert_M]
+
+    @staticmethod
+    def backward(ctx, g_MX: torch.Tensor):
+        (expert_M,) = ctx.saved_tensors
+        onehot_EM = F.one_hot(expert_M, ctx.num_experts).T.to(g_MX.dtype)
+        return onehot_EM @ g_MX, None
+
+
+def expert_rows(b_EX: torch.Tensor, expert_M: torch.Tensor) -> torch.Tensor:
+    """Each row's expert's bias: b_EX[expert_M], its gradient reduced per expert by a matrix product."""
+    return _ExpertRows.apply(b_EX, expert_M)
+
+
 class StackedExperts(nn.Module):
     no_weight_decay = ("b1_EH", "b2_ED")  # stacked biases: 2-D tensors that are still biases
 
@@ -93,8 +116,8 @@ class StackedExperts(nn.Module):
         """All experts at once on rows already sorted by expert; offs_E are int32 cumulative ends."""
         if self.kind == "mlp":
             w1, w2, b1, b2 = self._weights(x_MD.dtype)
-            h_MH = F.gelu(F.grouped_mm(x_MD, w1, offs=offs_E) + b1[expert_M], approximate="tanh")
-            return F.grouped_mm(h_MH, w2, offs=offs_E) + b2[expert_M]
+            h_MH = F.gelu(F.grouped_mm(x_MD, w1, offs=offs_E) + expert_rows(b1, expert_M), approximate="tanh")
+            return F.grouped_mm(h_MH, w2, offs=offs_E) + expert_rows(b2, expert_M)
         w1, w2, wu = self._weights(x_MD.dtype)
         h_MH = F.silu(F.grouped_mm(x_MD, w1, offs=offs_E)) * F.grouped_mm(x_MD, wu, offs=offs_E)
         return F.grouped_mm(h_MH, w2, offs=offs_E)
