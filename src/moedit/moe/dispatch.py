@@ -5,9 +5,10 @@ Backends (interchangeable; tests check they agree in forward and gradients):
               The reference path, and the faster one on CPU for large batches.
 - `grouped` : same sort, then one `F.grouped_mm` per matrix with int32 cumulative offsets; on
               sm90/sm100 GPUs with bf16 this is a single fused kernel per matrix.
-- `fused`   : `grouped`'s products with the row movement done by two Triton kernels (moe/glue_triton.py):
-              one pass gathers and casts the rows, one pass weights and sums them per token, and their
-              backwards are segment sums (no atomics). CUDA; on CPU only under Triton's interpreter.
+- `fused`   : `grouped`'s products with the glue in Triton kernels (moe/glue_triton.py): one pass
+              gathers and casts the rows, one applies bias and GELU between the products, one weights
+              and sums the rows per token; their backwards are single passes and segment sums (no
+              atomics). CUDA; on CPU only under Triton's interpreter.
 - `auto`    : `grouped` on CUDA. On CPU, by the mean number of rows each expert receives: `grouped`
               below CPU_GROUPED_BELOW rows (one call beats a Python loop of tiny matmuls: sampling,
               small batches), `loop` above it (grouped_mm loops over groups internally on CPU and its
@@ -136,7 +137,7 @@ def dispatch_fused(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts
     order_M, slot_M, offs_E = _expert_order(routing)
     ptr_N1, tok_J, pos_J, weight_J = _token_major(routing, slot_M)
     xs_MD = glue_triton.gather_rows(x_ND, routing.token_M[order_M], ptr_N1, pos_J, _compute_dtype(x_ND))
-    ys_MD = experts.forward_grouped(xs_MD, routing.expert_M[order_M], offs_E)
+    ys_MD = experts.forward_grouped(xs_MD, routing.expert_M[order_M], offs_E, bias_gelu=glue_triton.bias_gelu)
     return glue_triton.combine_rows(ys_MD, weight_J, tok_J, pos_J, ptr_N1, x_ND.dtype)
 
 

@@ -18,6 +18,7 @@ into a model of either layout.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -112,11 +113,17 @@ class StackedExperts(nn.Module):
                 for e, x_TD in enumerate(x_MD.split(counts)) if counts[e] > 0]
         return torch.cat(outs) if outs else x_MD.new_zeros(0, self.width)
 
-    def forward_grouped(self, x_MD: torch.Tensor, expert_M: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-        """All experts at once on rows already sorted by expert; offs_E are int32 cumulative ends."""
+    def forward_grouped(self, x_MD: torch.Tensor, expert_M: torch.Tensor, offs_E: torch.Tensor,
+                        bias_gelu: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """All experts at once on rows already sorted by expert; offs_E are int32 cumulative ends.
+        `bias_gelu(z_MH, b1_EH, expert_M)`, if given, replaces GELU_tanh(z + b1[expert]) (a fused kernel)."""
         if self.kind == "mlp":
             w1, w2, b1, b2 = self._weights(x_MD.dtype)
-            h_MH = F.gelu(F.grouped_mm(x_MD, w1, offs=offs_E) + expert_rows(b1, expert_M), approximate="tanh")
+            z_MH = F.grouped_mm(x_MD, w1, offs=offs_E)
+            if bias_gelu is not None:
+                h_MH = bias_gelu(z_MH, b1, expert_M)
+            else:
+                h_MH = F.gelu(z_MH + expert_rows(b1, expert_M), approximate="tanh")
             return F.grouped_mm(h_MH, w2, offs=offs_E) + expert_rows(b2, expert_M)
         w1, w2, wu = self._weights(x_MD.dtype)
         h_MH = F.silu(F.grouped_mm(x_MD, w1, offs=offs_E)) * F.grouped_mm(x_MD, wu, offs=offs_E)

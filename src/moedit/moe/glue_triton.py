@@ -14,6 +14,11 @@ its row among the expert-sorted rows. Token choice is token-major already; other
 by token once. A token with no assignment has an empty segment and gets exactly zero, as in every
 backend. Each output element is written by exactly one program, so results are deterministic.
 
+Between the two expert products, `bias_gelu` computes h = GELU_tanh(z + b1[expert]) in one pass over the
+(M, H) rows, the widest tensor of the layer, where PyTorch writes the bias rows, adds and applies GELU
+in three; its backward recomputes u = z + b1[e] and writes dz in one pass, the bias gradient being one
+matrix product (experts.expert_rows).
+
 The kernels run on CUDA; with TRITON_INTERPRET=1 set before this module is imported, Triton's
 interpreter runs them on CPU tensors, which is how the test suite checks them against the loop.
 """
@@ -91,6 +96,70 @@ if TRITON_FOUND:
             tl.store(dys_ptr + p * stride_dys + cols, (g * w).to(dys_ptr.dtype.element_ty), mask=mask)
             dot += g * y
         tl.store(dw_ptr + j, tl.sum(dot, axis=0))
+
+
+if TRITON_FOUND:
+
+    @triton.jit
+    def _gelu_parts(u):
+        """GELU_tanh(u) = u·(1 + tanh(a))/2 with a = √(2/π)·(u + 0.044715·u³), and its derivative."""
+        a = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+        a = tl.minimum(tl.maximum(a, -20.0), 20.0)  # tanh is ±1 to float32 beyond; keeps exp() finite
+        t = 2.0 * tl.sigmoid(2.0 * a) - 1.0  # tanh(a)
+        gelu = 0.5 * u * (1.0 + t)
+        slope = 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3 * 0.044715 * u * u)
+        return gelu, slope
+
+    @triton.jit
+    def _bias_gelu_kernel(z_ptr, b_ptr, e_ptr, g_ptr, out_ptr, M, H: tl.constexpr, BACKWARD: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Forward: out = GELU(z + b[e]); backward: out = g · GELU'(z + b[e]); a (BLOCK_M, BLOCK_H) tile each."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = (rows < M)[:, None] & (cols < H)[None, :]
+        e = tl.load(e_ptr + rows, mask=rows < M, other=0)
+        at = rows[:, None] * H + cols[None, :]
+        u = tl.load(z_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        u += tl.load(b_ptr + e[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gelu, slope = _gelu_parts(u)
+        if BACKWARD:
+            out = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32) * slope
+        else:
+            out = gelu
+        tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _bias_gelu_launch(z_MH: torch.Tensor, b_EH: torch.Tensor, expert_M: torch.Tensor,
+                      g_MH: torch.Tensor | None) -> torch.Tensor:
+    M, H = z_MH.shape
+    out_MH = torch.empty_like(z_MH)
+    if M == 0 or H == 0:
+        return out_MH
+    block_h = max(16, min(256, triton.next_power_of_2(H)))
+    grid = (triton.cdiv(M, 16), triton.cdiv(H, block_h))
+    _bias_gelu_kernel[grid](z_MH, b_EH, expert_M, g_MH if g_MH is not None else z_MH, out_MH, M, H,
+                            BACKWARD=g_MH is not None, BLOCK_M=16, BLOCK_H=block_h)
+    return out_MH
+
+
+class _BiasGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z_MH, b_EH, expert_M):
+        z_MH, b_EH = z_MH.contiguous(), b_EH.contiguous()
+        ctx.save_for_backward(z_MH, b_EH, expert_M)
+        return _bias_gelu_launch(z_MH, b_EH, expert_M, None)
+
+    @staticmethod
+    def backward(ctx, g_MH):
+        z_MH, b_EH, expert_M = ctx.saved_tensors
+        dz_MH = _bias_gelu_launch(z_MH, b_EH, expert_M, g_MH.contiguous())
+        onehot_EM = torch.nn.functional.one_hot(expert_M, b_EH.shape[0]).T.to(dz_MH.dtype)
+        return dz_MH, (onehot_EM @ dz_MH).to(b_EH.dtype), None
+
+
+def bias_gelu(z_MH: torch.Tensor, b_EH: torch.Tensor, expert_M: torch.Tensor) -> torch.Tensor:
+    """GELU_tanh(z_MH + b_EH[expert_M]) in one pass (and one pass back); float32 inside, z's dtype out."""
+    return _BiasGelu.apply(z_MH, b_EH, expert_M)
 
 
 def _segment_sum(src_RD: torch.Tensor, idx_J: torch.Tensor, rows: int, dtype: torch.dtype,
