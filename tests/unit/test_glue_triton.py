@@ -1,5 +1,5 @@
-"""The fused backend's bias + GELU kernel against PyTorch's GELU_tanh(z + b[expert]), forward and both
-gradients, in float32 and bfloat16 (run under Triton's interpreter where no GPU is: tests/conftest.py)."""
+"""The fused backend's activation kernels against PyTorch: bias + GELU_tanh(z + b[expert]) and SwiGLU's
+silu(a)·b, forward and gradients, in float32 and bfloat16 (run under Triton's interpreter where no GPU is: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -37,3 +37,19 @@ def test_bias_gelu_matches_torch(dtype, tol, M, H) -> None:
         assert have.dtype == dtype and have.shape == want.shape, part
         torch.testing.assert_close(have.float(), want.float(), rtol=tol, atol=tol, msg=part)
     assert torch.count_nonzero(got["triton"][2][3]) == 0  # the empty expert's bias gets no gradient
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("shape", [(37, 48), (3, 700), (0, 16)], ids=["rows", "across_blocks", "no_rows"])
+def test_swiglu_matches_torch(dtype, tol, shape) -> None:
+    gen = torch.Generator().manual_seed(sum(shape))
+    a_MH, b_MH, g_MH = ((3 * torch.randn(*shape, generator=gen)).to(dtype) for _ in range(3))
+    out = {}
+    for name in ("torch", "triton"):
+        a, b = a_MH.clone().requires_grad_(True), b_MH.clone().requires_grad_(True)
+        h = F.silu(a) * b if name == "torch" else glue_triton.swiglu(a, b)
+        h.backward(g_MH)
+        out[name] = (h.detach(), a.grad, b.grad)
+    for part, want, have in zip(("h", "da", "db"), out["torch"], out["triton"]):
+        assert have.dtype == dtype and have.shape == want.shape, part
+        torch.testing.assert_close(have.float(), want.float(), rtol=tol, atol=tol, msg=part)

@@ -6,7 +6,7 @@ Backends (interchangeable; tests check they agree in forward and gradients):
 - `grouped` : same sort, then one `F.grouped_mm` per matrix with int32 cumulative offsets; on
               sm90/sm100 GPUs with bf16 this is a single fused kernel per matrix.
 - `fused`   : `grouped`'s products with the glue in Triton kernels (moe/glue_triton.py): one pass
-              gathers and casts the rows, one applies bias and GELU between the products, one weights
+              gathers and casts the rows, one applies bias and GELU (or SwiGLU's silu(a)·b) between the products, one weights
               and sums the rows per token; their backwards are single passes and segment sums (no
               atomics). CUDA; on CPU only under Triton's interpreter.
 - `auto`    : `grouped` on CUDA. On CPU, by the mean number of rows each expert receives: `grouped`
@@ -137,7 +137,8 @@ def dispatch_fused(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts
     order_M, slot_M, offs_E = _expert_order(routing)
     ptr_N1, tok_J, pos_J, weight_J = _token_major(routing, slot_M)
     xs_MD = glue_triton.gather_rows(x_ND, routing.token_M[order_M], ptr_N1, pos_J, _compute_dtype(x_ND))
-    ys_MD = experts.forward_grouped(xs_MD, routing.expert_M[order_M], offs_E, bias_gelu=glue_triton.bias_gelu)
+    ys_MD = experts.forward_grouped(xs_MD, routing.expert_M[order_M], offs_E, bias_gelu=glue_triton.bias_gelu,
+                                    swiglu=glue_triton.swiglu)
     return glue_triton.combine_rows(ys_MD, weight_J, tok_J, pos_J, ptr_N1, x_ND.dtype)
 
 

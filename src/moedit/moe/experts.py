@@ -114,9 +114,11 @@ class StackedExperts(nn.Module):
         return torch.cat(outs) if outs else x_MD.new_zeros(0, self.width)
 
     def forward_grouped(self, x_MD: torch.Tensor, expert_M: torch.Tensor, offs_E: torch.Tensor,
-                        bias_gelu: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+                        bias_gelu: Callable[..., torch.Tensor] | None = None,
+                        swiglu: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """All experts at once on rows already sorted by expert; offs_E are int32 cumulative ends.
-        `bias_gelu(z_MH, b1_EH, expert_M)`, if given, replaces GELU_tanh(z + b1[expert]) (a fused kernel)."""
+        Fused kernels, where given, replace the activations: `bias_gelu(z_MH, b1_EH, expert_M)` computes
+        GELU_tanh(z + b1[expert]), `swiglu(a_MH, b_MH)` computes silu(a)·b."""
         if self.kind == "mlp":
             w1, w2, b1, b2 = self._weights(x_MD.dtype)
             z_MH = F.grouped_mm(x_MD, w1, offs=offs_E)
@@ -126,7 +128,8 @@ class StackedExperts(nn.Module):
                 h_MH = F.gelu(z_MH + expert_rows(b1, expert_M), approximate="tanh")
             return F.grouped_mm(h_MH, w2, offs=offs_E) + expert_rows(b2, expert_M)
         w1, w2, wu = self._weights(x_MD.dtype)
-        h_MH = F.silu(F.grouped_mm(x_MD, w1, offs=offs_E)) * F.grouped_mm(x_MD, wu, offs=offs_E)
+        a_MH, b_MH = F.grouped_mm(x_MD, w1, offs=offs_E), F.grouped_mm(x_MD, wu, offs=offs_E)
+        h_MH = swiglu(a_MH, b_MH) if swiglu is not None else F.silu(a_MH) * b_MH
         return F.grouped_mm(h_MH, w2, offs=offs_E)
 
     def forward_all(self, x_ND: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ backend. Each output element is written by exactly one program, so results are d
 Between the two expert products, `bias_gelu` computes h = GELU_tanh(z + b1[expert]) in one pass over the
 (M, H) rows, the widest tensor of the layer, where PyTorch writes the bias rows, adds and applies GELU
 in three; its backward recomputes u = z + b1[e] and writes dz in one pass, the bias gradient being one
-matrix product (experts.expert_rows).
+matrix product (experts.expert_rows). For SwiGLU experts `swiglu` does the same for silu(a)·b.
 
 The kernels run on CUDA; with TRITON_INTERPRET=1 set before this module is imported, Triton's
 interpreter runs them on CPU tensors, which is how the test suite checks them against the loop.
@@ -129,6 +129,22 @@ if TRITON_FOUND:
         tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _swiglu_kernel(a_ptr, b_ptr, g_ptr, out_ptr, db_ptr, n, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+        """Forward: out = silu(a)·b; backward: out = g·b·silu'(a) (= da) and db = g·silu(a)."""
+        at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = at < n
+        a = tl.load(a_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(a)
+        if BACKWARD:
+            g = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + at, (g * b * sig * (1.0 + a * (1.0 - sig))).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(db_ptr + at, (g * a * sig).to(db_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out_ptr + at, (a * sig * b).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _bias_gelu_launch(z_MH: torch.Tensor, b_EH: torch.Tensor, expert_M: torch.Tensor,
                       g_MH: torch.Tensor | None) -> torch.Tensor:
     M, H = z_MH.shape
@@ -160,6 +176,35 @@ class _BiasGelu(torch.autograd.Function):
 def bias_gelu(z_MH: torch.Tensor, b_EH: torch.Tensor, expert_M: torch.Tensor) -> torch.Tensor:
     """GELU_tanh(z_MH + b_EH[expert_M]) in one pass (and one pass back); float32 inside, z's dtype out."""
     return _BiasGelu.apply(z_MH, b_EH, expert_M)
+
+
+_SWIGLU_BLOCK = 1024
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a_MH, b_MH):
+        a_MH, b_MH = a_MH.contiguous(), b_MH.contiguous()
+        ctx.save_for_backward(a_MH, b_MH)
+        h_MH = torch.empty_like(a_MH)
+        if a_MH.numel():
+            _swiglu_kernel[(triton.cdiv(a_MH.numel(), _SWIGLU_BLOCK),)](a_MH, b_MH, a_MH, h_MH, h_MH, a_MH.numel(),
+                                                                       BACKWARD=False, BLOCK=_SWIGLU_BLOCK)
+        return h_MH
+
+    @staticmethod
+    def backward(ctx, g_MH):
+        a_MH, b_MH = ctx.saved_tensors
+        da_MH, db_MH = torch.empty_like(a_MH), torch.empty_like(b_MH)
+        if a_MH.numel():
+            _swiglu_kernel[(triton.cdiv(a_MH.numel(), _SWIGLU_BLOCK),)](a_MH, b_MH, g_MH.contiguous(), da_MH, db_MH,
+                                                                       a_MH.numel(), BACKWARD=True, BLOCK=_SWIGLU_BLOCK)
+        return da_MH, db_MH
+
+
+def swiglu(a_MH: torch.Tensor, b_MH: torch.Tensor) -> torch.Tensor:
+    """silu(a_MH) · b_MH in one pass (two outputs in one pass back); float32 inside, a's dtype out."""
+    return _SwiGLU.apply(a_MH, b_MH)
 
 
 def _segment_sum(src_RD: torch.Tensor, idx_J: torch.Tensor, rows: int, dtype: torch.dtype,
