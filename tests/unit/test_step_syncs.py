@@ -1,5 +1,7 @@
-"""A training step asks the device nothing: no .item(), .tolist(), bool/int/float of a tensor, nonzero()
-or boolean-mask indexing, for every router on the grouped backend. On a GPU each of those would stall
+"""A training step asks the device nothing: no .item(), .tolist(), bool/int/float of a tensor, nonzero(),
+boolean-mask indexing, or the operations that read a tensor back inside C++ (bincount reads its input's
+min and max, unique its size, repeat_interleave its repeats), for every router on the grouped backend
+and for token choice and race on the fused one. On a GPU each of those would stall
 the host until the queued kernels finish. (The loop backend needs the per-expert counts on the host
 by design; log steps read the device once per window, outside `train_step`.)"""
 
@@ -29,8 +31,9 @@ def forbid_syncs(monkeypatch):
         original = getattr(owner, name)
 
         def fn(*args, **kwargs):
-            # torch.optim reads its step counters, which live on the host even when training on a GPU
-            if sys._getframe(1).f_globals.get("__name__", "").startswith("torch.optim"):
+            # torch.optim reads its step counters, which live on the host even when training on a GPU;
+            # Triton's interpreter (the fused backend's kernels on CPU) copies tensors to numpy by design
+            if sys._getframe(1).f_globals.get("__name__", "").startswith(("torch.optim", "triton")):
                 return original(*args, **kwargs)
             raise HostSync(f"{name} was called inside train_step")
         return fn
@@ -48,13 +51,28 @@ def forbid_syncs(monkeypatch):
         for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"):
             monkeypatch.setattr(torch.Tensor, name, refuse(torch.Tensor, name))
         monkeypatch.setattr(torch, "nonzero", refuse(torch, "nonzero"))
+        for name in ("bincount", "unique"):
+            monkeypatch.setattr(torch, name, refuse(torch, name))
+        for owner in (torch, torch.Tensor):
+            original = owner.repeat_interleave
+
+            def repeat_interleave(*args, _original=original, **kwargs):
+                repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+                if isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None:
+                    raise HostSync("repeat_interleave with tensor repeats and no output_size inside train_step")
+                return _original(*args, **kwargs)
+            monkeypatch.setattr(owner, "repeat_interleave", repeat_interleave)
     return arm
 
 
-@pytest.mark.parametrize("router, extra", ROUTERS, ids=[r for r, _ in ROUTERS[:-1]] + ["deepseek_bias"])
-def test_train_step_has_no_host_sync(tmp_path, forbid_syncs, router, extra):
+CASES = [(r, extra, "grouped") for r, extra in ROUTERS] + [("topk", {}, "fused"), ("race", {}, "fused")]
+
+
+@pytest.mark.parametrize("router, extra, backend", CASES,
+                         ids=[r for r, _ in ROUTERS[:-1]] + ["deepseek_bias", "topk_fused", "race_fused"])
+def test_train_step_has_no_host_sync(tmp_path, forbid_syncs, router, extra, backend):
     cfg = from_dict({
-        "model": {"preset": "micro", "moe": {"num_experts": 4, "expert_ratio": 1.0, "backend": "grouped",
+        "model": {"preset": "micro", "moe": {"num_experts": 4, "expert_ratio": 1.0, "backend": backend,
                                               "router": {"name": router, "top_k": 2, **extra}}},
         "data": {"name": "synthetic"},
         "train": {"out_dir": str(tmp_path), "steps": 4, "batch_size": 4, "ckpt_every": 0, "log_every": 2},

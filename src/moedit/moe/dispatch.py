@@ -61,7 +61,7 @@ def _compute_dtype(x_ND: torch.Tensor) -> torch.dtype:
 
 def _sort_by_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     order_M = torch.argsort(routing.expert_M, stable=True)
-    counts_E = torch.bincount(routing.expert_M, minlength=routing.num_experts)
+    counts_E = routing.load_E()
     return routing.token_M[order_M], routing.expert_M[order_M], routing.weight_M[order_M], counts_E
 
 
@@ -100,7 +100,7 @@ def _expert_order(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.T
     offs_E: int32 cumulative ends of each expert's rows, as grouped_mm takes them."""
     order_M = torch.argsort(routing.expert_M, stable=True)
     slot_M = torch.empty_like(order_M).index_copy_(0, order_M, torch.arange(order_M.numel(), device=order_M.device))
-    offs_E = torch.cumsum(torch.bincount(routing.expert_M, minlength=routing.num_experts), 0).to(torch.int32)
+    offs_E = torch.cumsum(routing.load_E(), 0).to(torch.int32)
     return order_M, slot_M, offs_E
 
 
@@ -124,7 +124,7 @@ def _token_major(routing: Routing, slot_M: torch.Tensor) -> tuple[torch.Tensor, 
         return ptr_N1, routing.token_M, slot_M, routing.weight_M
     by_token_M = torch.argsort(routing.token_M, stable=True)
     ptr_N1 = torch.zeros(N + 1, dtype=torch.long, device=device)
-    torch.cumsum(torch.bincount(routing.token_M, minlength=N), 0, out=ptr_N1[1:])
+    torch.cumsum(routing.experts_per_token_N(), 0, out=ptr_N1[1:])
     return ptr_N1, routing.token_M[by_token_M], slot_M[by_token_M], routing.weight_M[by_token_M]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from moedit.moe.routing import count_ids
+
 
 def switch_balance(logits_NE: torch.Tensor, expert_M: torch.Tensor) -> torch.Tensor:
     """Switch/GShard balance loss L = E · Σ_e f_e · P̄_e (Fedus et al., arXiv 2101.03961, eq. 4).
@@ -13,7 +15,7 @@ def switch_balance(logits_NE: torch.Tensor, expert_M: torch.Tensor) -> torch.Ten
     Equals 1 under perfect balance, E when everything goes to one expert.
     """
     num_experts = logits_NE.shape[-1]
-    f_E = torch.bincount(expert_M, minlength=num_experts).float() / max(expert_M.numel(), 1)
+    f_E = count_ids(expert_M, num_experts).float() / max(expert_M.numel(), 1)
     p_mean_E = torch.softmax(logits_NE.float(), dim=-1).mean(dim=0)
     return num_experts * torch.sum(f_E * p_mean_E)
 

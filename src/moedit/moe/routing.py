@@ -16,6 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 
+def count_ids(ids_M: torch.Tensor, n: int, weights_M: torch.Tensor | None = None) -> torch.Tensor:
+    """How often each id in [0, n) occurs (int64; summed `weights_M` if given), as torch.bincount with
+    minlength n, but without host synchronisation: on CUDA bincount reads its input's min and max back
+    to the host to size its output; here the size is n and the counts are a scatter-add."""
+    if weights_M is None:
+        return torch.zeros(n, dtype=torch.long, device=ids_M.device).scatter_add_(0, ids_M, torch.ones_like(ids_M))
+    return torch.zeros(n, dtype=weights_M.dtype, device=ids_M.device).scatter_add_(0, ids_M, weights_M)
+
+
 @dataclass
 class RoutingContext:
     """What a router may know besides the tokens themselves.
@@ -67,11 +76,11 @@ class Routing:
         """The usual way a router finishes: scores detached for diagnostics, load per expert as its stat."""
         return cls(token_M=token_M, expert_M=expert_M, weight_M=weight_M, num_tokens=num_tokens,
                    num_experts=num_experts, aux=aux, scores_NE=scores_NE.detach(),
-                   stats={"load_E": torch.bincount(expert_M, minlength=num_experts)}, per_token=per_token)
+                   stats={"load_E": count_ids(expert_M, num_experts)}, per_token=per_token)
 
     def load_E(self) -> torch.Tensor:
         """Assignments per expert (int64)."""
-        return torch.bincount(self.expert_M, minlength=self.num_experts)
+        return count_ids(self.expert_M, self.num_experts)
 
     def experts_per_token_N(self) -> torch.Tensor:
-        return torch.bincount(self.token_M, minlength=self.num_tokens)
+        return count_ids(self.token_M, self.num_tokens)

@@ -30,7 +30,7 @@ from torch import nn
 
 from moedit.config import RouterConfig
 from moedit.moe.gates import score
-from moedit.moe.routing import Routing, RoutingContext
+from moedit.moe.routing import Routing, RoutingContext, count_ids
 
 
 def routing_contrastive(prototypes_ED: torch.Tensor, x_ND: torch.Tensor, token_M: torch.Tensor,
@@ -42,7 +42,7 @@ def routing_contrastive(prototypes_ED: torch.Tensor, x_ND: torch.Tensor, token_M
     if keep_M is not None:
         x_MD = x_MD * keep_M[:, None]
     sums_ED = torch.zeros_like(prototypes_ED).float().index_add(0, expert_M, x_MD)
-    counts_E = torch.bincount(expert_M, weights=keep_M, minlength=E).float()
+    counts_E = count_ids(expert_M, E, keep_M).float()
     used_E = counts_E > 0
     means_ED = sums_ED / counts_E.clamp_min(1.0)[:, None]
     with torch.autocast(x_ND.device.type, enabled=False):  # cosines / τ=0.07 need float32 under bf16

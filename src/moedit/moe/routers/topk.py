@@ -31,7 +31,7 @@ from torch import nn
 from moedit.config import RouterConfig
 from moedit.moe.gates import Gate, score
 from moedit.moe.losses import router_z_loss, switch_balance
-from moedit.moe.routing import Routing, RoutingContext
+from moedit.moe.routing import Routing, RoutingContext, count_ids
 
 
 class TopKRouter(nn.Module):
@@ -61,7 +61,7 @@ class TopKRouter(nn.Module):
             weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True).clamp_min(1e-9)
         weight_NK = weight_NK * self.cfg.scale
         expert_M = expert_NK.reshape(-1)
-        load_E = torch.bincount(expert_M, minlength=E)
+        load_E = count_ids(expert_M, E)
         if self.cfg.selection_bias and self.training:
             self.step_load_E += load_E.to(self.step_load_E.dtype)
         return Routing(
