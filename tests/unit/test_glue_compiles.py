@@ -1,5 +1,5 @@
 """The fused backend's Triton kernels compile for Hopper (sm_90: H100, H200), all the way to a cubin by the
-ptxas that Triton ships, on a machine without a GPU. The interpreter (the other tests) checks what the
+ptxas that Triton ships, on a machine without a GPU, and move their rows in 16-byte accesses. The interpreter (the other tests) checks what the
 kernels compute but not that the GPU compiler accepts them: types, loops over loaded bounds, constexpr
 branches. Each signature the dispatcher launches is compiled once.
 
@@ -30,21 +30,30 @@ def compile_all() -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    def build(fn, signature: dict, constexprs: dict) -> None:
-        src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
-        assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+    def build(fn, signature: dict, constexprs: dict, num_warps: int = 4) -> None:
+        # as a launch specialises them: pointers 16-byte aligned, strides and sizes multiples of 16
+        hints = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
+                 if v.startswith("*") or k.startswith("stride") or k in ("M", "n")}
+        src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
+                        attrs=hints)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        assert kernel.asm["cubin"]
+        # rows move in 16-byte accesses (ld/st .v4.b32), the memory-bound kernels' first requirement
+        assert "ld.global.v4" in kernel.asm["ptx"] and "st.global.v4" in kernel.asm["ptx"], fn.__name__
+
+    block, warps = glue_triton._row_tile(1152)  # the DiT-XL width
 
     done = []
     for src, out, segments, weighted in SEGMENT_SUM:
         build(glue_triton._segment_sum_kernel,
               {"src_ptr": src, "idx_ptr": "*i64", "w_ptr": "*fp32", "ptr_ptr": "*i64", "out_ptr": out,
                "stride_src": "i64", "stride_out": "i64"},
-              {"D": 1152, "SEGMENTS": segments, "WEIGHTED": weighted, "BLOCK_D": 256})
+              {"D": 1152, "SEGMENTS": segments, "WEIGHTED": weighted, "BLOCK_D": block}, warps)
         done.append(f"segment_sum {src}->{out} segments={segments} weighted={weighted}")
     build(glue_triton._combine_backward_kernel,
           {"dout_ptr": "*fp32", "ys_ptr": "*bf16", "tok_ptr": "*i64", "pos_ptr": "*i64", "w_ptr": "*fp32",
            "dys_ptr": "*bf16", "dw_ptr": "*fp32", "stride_dout": "i64", "stride_ys": "i64", "stride_dys": "i64"},
-          {"D": 1152, "BLOCK_D": 256})
+          {"D": 1152, "BLOCK_D": block}, warps)
     done.append("combine_backward")
     for backward in (False, True):
         build(glue_triton._bias_gelu_kernel,

@@ -50,9 +50,12 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _block_d(D: int) -> int:
-    # a row segment per program; 256 columns keep the masked tail small at DiT widths (1152 = 4.5 × 256)
-    return max(16, min(256, triton.next_power_of_2(D)))
+def _row_tile(D: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) for the row kernels: a whole row per program up to 8,192 columns (masked
+    lanes beyond D move no memory), with warps enough that each thread holds 8 elements, so that
+    bf16 rows move in 16-byte accesses; wider rows take several column blocks."""
+    block = max(16, min(8192, triton.next_power_of_2(D)))
+    return block, max(1, min(16, block // 256))
 
 
 if TRITON_FOUND:
@@ -213,11 +216,12 @@ def _segment_sum(src_RD: torch.Tensor, idx_J: torch.Tensor, rows: int, dtype: to
     out_ND = torch.empty(rows, D, dtype=dtype, device=src_RD.device)
     if rows == 0 or D == 0:
         return out_ND.zero_()
-    block = _block_d(D)
+    block, warps = _row_tile(D)
     grid = (rows, triton.cdiv(D, block))
     _segment_sum_kernel[grid](src_RD, idx_J, w_J if w_J is not None else idx_J, ptr_N1 if ptr_N1 is not None else idx_J,
                               out_ND, D, src_RD.stride(0), out_ND.stride(0),
-                              SEGMENTS=ptr_N1 is not None, WEIGHTED=w_J is not None, BLOCK_D=block)
+                              SEGMENTS=ptr_N1 is not None, WEIGHTED=w_J is not None, BLOCK_D=block,
+                              num_warps=warps)
     return out_ND
 
 
@@ -256,8 +260,9 @@ class _Combine(torch.autograd.Function):
         dw_J = torch.empty_like(w32_J)
         M, D = ys_MD.shape
         if M > 0 and D > 0:
+            block, warps = _row_tile(D)
             _combine_backward_kernel[(M,)](dout_ND, ys_MD, tok_J, pos_J, w32_J, dys_MD, dw_J, D, dout_ND.stride(0),
-                                           ys_MD.stride(0), dys_MD.stride(0), BLOCK_D=_block_d(D))
+                                           ys_MD.stride(0), dys_MD.stride(0), BLOCK_D=block, num_warps=warps)
         else:
             dys_MD.zero_()
             dw_J.zero_()
