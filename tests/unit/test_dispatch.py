@@ -19,7 +19,9 @@ from moedit.train.trainer import check_backend_runs
 dispatch_module = importlib.import_module("moedit.moe.dispatch")  # the module, not the function moedit.moe exports
 
 D, H, E = 32, 48, 5
-FAST = ("grouped", "fused") if glue_triton.TRITON_FOUND else ("grouped",)
+# fused runs on CPU tensors under Triton's interpreter (tests/conftest.py turns it on where no GPU is)
+FUSED_ON_CPU = glue_triton.unavailable_reason(torch.device("cpu")) is None
+FAST = ("grouped", "fused") if FUSED_ON_CPU else ("grouped",)
 
 
 def _routing(token_M, expert_M, weight_M, num_tokens, num_experts=E) -> Routing:
@@ -284,20 +286,23 @@ def test_auto_on_cpu_takes_the_path_for_the_shape_and_agrees_with_loop(tokens, e
 def test_fused_refuses_where_its_kernels_cannot_run(monkeypatch) -> None:
     experts = StackedExperts(E, D, H, "mlp")
     routing = _routing([0, 1], [0, 1], [1.0, 1.0], 2)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor, no interpreter: the kernels have no device
-    with pytest.raises(ValueError, match="CUDA, not cpu.*use backend grouped or auto"):
-        dispatch(torch.randn(2, D), routing, experts, backend="fused")
-    # training says so before it touches the run directory
-    cfg = from_dict({"model": {"moe": {"backend": "fused"}}})
-    with pytest.raises(ConfigError, match="model.moe.backend=fused: .*CUDA, not cpu"):
-        check_backend_runs(cfg, torch.device("cpu"))
-    check_backend_runs(from_dict({"model": {"moe": {"backend": "grouped"}}}), torch.device("cpu"))
+    fused_cfg = from_dict({"model": {"moe": {"backend": "fused"}}})
+    if glue_triton.TRITON_FOUND:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor, no interpreter: the kernels have no device
+        with pytest.raises(ValueError, match="CUDA, not cpu.*use backend grouped or auto"):
+            dispatch(torch.randn(2, D), routing, experts, backend="fused")
+        # training says so before it touches the run directory
+        with pytest.raises(ConfigError, match="model.moe.backend=fused: .*CUDA, not cpu"):
+            check_backend_runs(fused_cfg, torch.device("cpu"))
     monkeypatch.setattr(glue_triton, "TRITON_FOUND", False)
     with pytest.raises(ValueError, match="pip install triton"):
         dispatch(torch.randn(2, D), routing, experts, backend="fused")
+    with pytest.raises(ConfigError, match="model.moe.backend=fused: .*pip install triton"):
+        check_backend_runs(fused_cfg, torch.device("cpu"))
+    check_backend_runs(from_dict({"model": {"moe": {"backend": "grouped"}}}), torch.device("cpu"))
 
 
-@pytest.mark.skipif(not glue_triton.TRITON_FOUND, reason="triton is not installed")
+@pytest.mark.skipif(not FUSED_ON_CPU, reason="Triton's interpreter is off or triton is not installed")
 def test_fused_glue_kernels_by_hand() -> None:
     """The two kernels on a CSR written out: token 0 has rows 2 and 0, token 1 none, token 2 row 1."""
     ys_MD = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], requires_grad=True)

@@ -16,7 +16,7 @@ from moedit.moe.routing import Routing
 
 E, D, H, N, K = 4, 16, 24, 10, 2
 MATRICES = {"mlp": ("w1_EDH", "w2_EHD"), "swiglu": ("w1_EDH", "w2_EHD", "wu_EDH")}
-BACKENDS = ("loop", "grouped", "fused") if glue_triton.TRITON_FOUND else ("loop", "grouped")
+BACKENDS = ("loop", "grouped", "fused") if glue_triton.unavailable_reason(torch.device("cpu")) is None else ("loop", "grouped")
 
 
 def _pair(kind: str) -> tuple[StackedExperts, StackedExperts]:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from moedit.moe import glue_triton
 
-pytestmark = pytest.mark.skipif(not glue_triton.TRITON_FOUND, reason="triton is not installed")
+pytestmark = pytest.mark.skipif(not glue_triton.unavailable_reason(torch.device("cpu")) is None,
+                                reason="Triton's interpreter is off (a GPU machine: tests/gpu) or triton is not installed")
 
 
 def _both(z_MH, b_EH, expert_M, g_MH):
