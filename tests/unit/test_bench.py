@@ -91,3 +91,59 @@ def test_bench_sample_cli(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert [r["variant"] for r in result["rows"]] == ["race E8 top-2 (grouped)"] and result["rows"][0]["img_per_s"] > 0
     assert "Sampling: euler 10 steps" in out.with_suffix(".md").read_text()
+
+
+def test_a_failing_implementation_gets_a_row_and_the_run_goes_on(tmp_path, monkeypatch):
+    import moedit.bench.layer as layer_bench
+
+    real = layer_bench.implementation
+
+    def broken(name, *args):
+        if name == "moedit_grouped":
+            raise RuntimeError("CUDA out of memory | while timing")
+        return real(name, *args)
+
+    monkeypatch.setattr(layer_bench, "implementation", broken)
+    tiny = LayerCase("tiny", experts=4, hidden=16, top_k=2, tokens=32, width=8)
+    monkeypatch.setattr(layer_bench, "cpu_cases", lambda: [tiny])
+    out = tmp_path / "layer"
+    code = cli_main(["bench", "layer", "--device", "cpu", "--impl", "dense", "moedit_grouped", "moedit_loop",
+                     "--routing", "random", "--repeats", "1", "--out", str(out)])
+    assert code == 1  # the run says something failed, after writing what it measured
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["dense", "moedit_grouped", "moedit_loop"]
+    assert rows[1]["failed"] == "RuntimeError: CUDA out of memory | while timing" and rows[1]["ratio_to_dense"] is None
+    assert rows[2]["tflops"] > 0 and "failed" not in rows[2]
+    assert "| moedit_grouped | failed: RuntimeError: CUDA out of memory / while timing | — | — | — |" in \
+        out.with_suffix(".md").read_text()
+
+
+def test_a_wrong_implementation_is_reported_not_timed(monkeypatch):
+    import moedit.bench.layer as layer_bench
+
+    real = layer_bench.implementation
+    monkeypatch.setattr(layer_bench, "implementation",
+                        lambda name, *a: (lambda x, r: 2 * real(name, *a)(x, r)) if name == "moedit_loop" else real(name, *a))
+    case = LayerCase("tiny", experts=4, hidden=16, top_k=2, tokens=32, width=8)
+    rows = run_case(case, skewed=False, device=torch.device("cpu"), dtype=torch.float32,
+                    names=("moedit_loop", "moedit_grouped"), repeats=1)
+    assert rows[0]["failed"].startswith("AssertionError: disagrees with the float32 reference") and rows[0]["ms"] is None
+    assert rows[1]["rel_error"] < 1e-5
+
+
+def test_a_failing_model_variant_gets_a_row(tmp_path, monkeypatch):
+    import moedit.bench.model as model_bench
+
+    real = model_bench.build_trainer
+
+    def build(variant, *args):
+        if variant.moe is not None:
+            raise RuntimeError("no kernel image is available")
+        return real(variant, *args)
+
+    monkeypatch.setattr(model_bench, "build_trainer", build)
+    result = model_bench.run_model_bench("cpu", "cpu", repeats=1, names=["dense", "topk E8 top-2 (loop)"], log=lambda m: None)
+    assert [r["variant"] for r in result["rows"]] == ["dense (FFN 4D)", "topk E8 top-2 (loop)"]
+    assert result["rows"][0]["img_per_s"] > 0
+    assert result["rows"][1]["failed"] == "RuntimeError: no kernel image is available"
+    assert "| topk E8 top-2 (loop) | failed: RuntimeError: no kernel image is available |" in model_markdown(result)

@@ -168,25 +168,38 @@ def run_case(case: LayerCase, skewed: bool, device: torch.device, dtype: torch.d
     expected_TD = reference(xs[0], routing, experts)
     rows = []
     for name in names:
-        fn = implementation(name, experts, dense, case.top_k)
-        if name != "dense":
-            err = (fn(xs[0], routing).float() - expected_TD).abs().max().item() / expected_TD.abs().max().item()
-            if err > (2e-2 if dtype == torch.bfloat16 else 1e-4):
-                raise AssertionError(f"{name} disagrees with the float32 reference on {case.name}: relative error {err:.2e}")
-        else:
-            err = None
-
-        def step(i: int) -> None:
-            y_TD = fn(xs[i % len(xs)], routing)
-            y_TD.backward(torch.ones_like(y_TD))
-
-        t: Timing = time_call(step, device, repeats)
-        flops = useful_flops(case, routed=name != "dense")
-        rows.append({"case": case.name, "routing": "skewed" if skewed else "random", "impl": name,
-                     "E": case.experts, "k": case.top_k, "T": case.tokens, "D": D, "H": H,
-                     "max_over_mean_load": (load_E.max() / load_E.mean()).item(), "ms": t.median_ms,
-                     "tflops": flops / (t.median_ms * 1e-3) / 1e12, "peak_mib": t.peak_mib, "rel_error": err})
+        row = {"case": case.name, "routing": "skewed" if skewed else "random", "impl": name, "E": case.experts,
+               "k": case.top_k, "T": case.tokens, "D": D, "H": H,
+               "max_over_mean_load": (load_E.max() / load_E.mean()).item()}
+        try:
+            row.update(_measure(name, case, experts, dense, routing, xs, expected_TD, dtype, device, repeats))
+        except Exception as exc:  # one broken or out-of-memory implementation must not lose the others' rows
+            row.update({"ms": None, "tflops": None, "peak_mib": None, "rel_error": None,
+                        "failed": f"{type(exc).__name__}: {exc}"[:400]})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
     dense_tflops = next((r["tflops"] for r in rows if r["impl"] == "dense"), None)
     for r in rows:
-        r["ratio_to_dense"] = r["tflops"] / dense_tflops if dense_tflops else None
+        r["ratio_to_dense"] = r["tflops"] / dense_tflops if dense_tflops and r["tflops"] else None
     return rows
+
+
+def _measure(name: str, case: LayerCase, experts: StackedExperts, dense: tuple[torch.Tensor, ...], routing: Routing,
+             xs: list[torch.Tensor], expected_TD: torch.Tensor, dtype: torch.dtype, device: torch.device,
+             repeats: int) -> dict:
+    """Check one implementation against the float32 reference, then time it (raises if it disagrees)."""
+    fn = implementation(name, experts, dense, case.top_k)
+    err = None
+    if name != "dense":
+        err = (fn(xs[0], routing).float() - expected_TD).abs().max().item() / expected_TD.abs().max().item()
+        if err > (2e-2 if dtype == torch.bfloat16 else 1e-4):
+            raise AssertionError(f"disagrees with the float32 reference: relative error {err:.2e}")
+
+    def step(i: int) -> None:
+        y_TD = fn(xs[i % len(xs)], routing)
+        y_TD.backward(torch.ones_like(y_TD))
+
+    t: Timing = time_call(step, device, repeats)
+    flops = useful_flops(case, routed=name != "dense")
+    return {"ms": t.median_ms, "tflops": flops / (t.median_ms * 1e-3) / 1e12, "peak_mib": t.peak_mib, "rel_error": err}

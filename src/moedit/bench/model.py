@@ -80,25 +80,43 @@ def build_trainer(variant: ModelVariant, spec: dict, device: str, out_dir: str) 
     return Trainer(cfg, progress=False)
 
 
-def run_model_bench(preset_name: str, device: str, repeats: int = 20, num_experts: int = 8,
-                    names: list[str] | None = None, log=print) -> dict:
-    spec = preset(preset_name)
-    rows, meta = [], {}
-    for variant in variants(num_experts, fused=_fused_runs(device)):
+def _run_variants(spec: dict, device: str, names: list[str] | None, measure, label: str, log) -> tuple[list[dict], dict]:
+    """One row per variant: `measure(trainer)` gives its Timing. A variant that fails (out of memory, a
+    kernel that does not build) gets a row saying why and the others still run."""
+    from moedit.train.trainer import resolve_device
+
+    rows, meta = [], describe_device(resolve_device(device))
+    for variant in variants(fused=_fused_runs(device)):
         if names and not any(n in variant.name for n in names):
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = build_trainer(variant, spec, device, tmp)
-            t = time_call(lambda i: trainer.train_step(i), trainer.device, repeats)
-            params = sum(p.numel() for p in trainer.model.parameters())
-            meta = describe_device(trainer.device)
+            try:
+                trainer = build_trainer(variant, spec, device, tmp)
+                t = measure(trainer)
+                params = sum(p.numel() for p in trainer.model.parameters())
+            except Exception as exc:
+                rows.append({"variant": variant.name, "ms": None, "img_per_s": None, "peak_mib": None, "params": None,
+                             "failed": f"{type(exc).__name__}: {exc}"[:400]})
+                log(f"{variant.name:36s} failed: {rows[-1]['failed']}")
+                continue
+            finally:
+                trainer = None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             rows.append({"variant": variant.name, "ms": t.median_ms, "img_per_s": spec["batch"] / (t.median_ms * 1e-3),
                          "peak_mib": t.peak_mib, "params": params})
-            log(f"{variant.name:36s} {t.median_ms:9.1f} ms {rows[-1]['img_per_s']:9.1f} img/s")
-            del trainer
+            log(f"{variant.name:36s} {t.median_ms:9.1f} ms {rows[-1]['img_per_s']:9.1f} img/s{label}")
     dense = next((r["img_per_s"] for r in rows if r["variant"].startswith("dense")), None)
     for r in rows:
-        r["ratio_to_dense"] = r["img_per_s"] / dense if dense else None
+        r["ratio_to_dense"] = r["img_per_s"] / dense if dense and r["img_per_s"] else None
+    return rows, meta
+
+
+def run_model_bench(preset_name: str, device: str, repeats: int = 20, names: list[str] | None = None,
+                    log=print) -> dict:
+    spec = preset(preset_name)
+    rows, meta = _run_variants(spec, device, names, lambda trainer: time_call(trainer.train_step, trainer.device, repeats),
+                               "", log)
     return {"meta": {**meta, "preset": preset_name, "batch": spec["batch"], "repeats": repeats}, "rows": rows}
 
 
@@ -111,25 +129,15 @@ def run_sample_bench(preset_name: str, device: str, repeats: int = 5, sampler_st
     from moedit.generate import generate
 
     spec = preset(preset_name)
-    rows, meta = [], {}
-    for variant in variants(fused=_fused_runs(device)):
-        if names and not any(n in variant.name for n in names):
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = build_trainer(variant, spec, device, tmp)
-            for step in range(WARM_STEPS):
-                trainer.train_step(step)
-            labels_B = torch.arange(spec["batch"]) % 10
-            sample = SampleConfig(sampler="euler", steps=sampler_steps, cfg_scale=cfg_scale)
-            t = time_call(lambda i: generate(trainer.ema.model, trainer.objective, sample, labels_B, trainer.device,
-                                             amp_dtype=trainer.amp_dtype), trainer.device, repeats, warmup=1)
-            meta = describe_device(trainer.device)
-            rows.append({"variant": variant.name, "ms": t.median_ms, "img_per_s": spec["batch"] / (t.median_ms * 1e-3),
-                         "peak_mib": t.peak_mib, "params": sum(p.numel() for p in trainer.model.parameters())})
-            log(f"{variant.name:36s} {t.median_ms:9.1f} ms {rows[-1]['img_per_s']:9.1f} img/s (sampling)")
-            del trainer
-    dense = next((r["img_per_s"] for r in rows if r["variant"].startswith("dense")), None)
-    for r in rows:
-        r["ratio_to_dense"] = r["img_per_s"] / dense if dense else None
+    sample = SampleConfig(sampler="euler", steps=sampler_steps, cfg_scale=cfg_scale)
+    labels_B = torch.arange(spec["batch"]) % 10
+
+    def measure(trainer):
+        for step in range(WARM_STEPS):
+            trainer.train_step(step)
+        return time_call(lambda i: generate(trainer.ema.model, trainer.objective, sample, labels_B, trainer.device,
+                                            amp_dtype=trainer.amp_dtype), trainer.device, repeats, warmup=1)
+
+    rows, meta = _run_variants(spec, device, names, measure, " (sampling)", log)
     return {"meta": {**meta, "preset": preset_name, "batch": spec["batch"], "repeats": repeats,
                      "sampler": f"euler {sampler_steps} steps, guidance {cfg_scale}"}, "rows": rows}

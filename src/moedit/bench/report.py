@@ -14,11 +14,25 @@ def layer_markdown(result: dict) -> str:
              "| case | routing (max/mean load) | implementation | ms | useful TFLOP/s | × dense | peak MiB |",
              "|---|---|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
+        where = f"| {r['case']} | {r['routing']} ({r['max_over_mean_load']:.1f}) | {r['impl']} |"
+        if r.get("failed"):
+            lines.append(f"{where} failed: {_cell(r['failed'])} | — | — | — |")
+            continue
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "—"
         ratio = f"{r['ratio_to_dense']:.2f}" if r["ratio_to_dense"] is not None else "—"
-        lines.append(f"| {r['case']} | {r['routing']} ({r['max_over_mean_load']:.1f}) | {r['impl']} | {r['ms']:.2f} | "
-                     f"{r['tflops']:.3g} | {ratio} | {peak} |")
+        lines.append(f"{where} {r['ms']:.2f} | {r['tflops']:.3g} | {ratio} | {peak} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """A failure message as one table cell: one line, no column separators."""
+    return text.replace("|", "/").replace("\n", " ")[:200]
+
+
+def failures(result: dict) -> list[str]:
+    """'what: why' for each row that failed."""
+    return [f"{r.get('case', '')} {r.get('routing', '')} {r.get('impl', r.get('variant'))}: {r['failed']}".strip()
+            for r in result["rows"] if r.get("failed")]
 
 
 def model_markdown(result: dict) -> str:
@@ -26,6 +40,9 @@ def model_markdown(result: dict) -> str:
     lines = [_meta_line(result["meta"]) + f" Batch {result['meta']['batch']}." + sampler, "",
              "| variant | ms per call (step or batch) | images/s | × dense | peak MiB | parameters |", "|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
+        if r.get("failed"):
+            lines.append(f"| {r['variant']} | failed: {_cell(r['failed'])} | — | — | — | — |")
+            continue
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "—"
         ratio = f"{r['ratio_to_dense']:.2f}" if r["ratio_to_dense"] is not None else "—"
         lines.append(f"| {r['variant']} | {r['ms']:.1f} | {r['img_per_s']:.1f} | {ratio} | {peak} | {r['params'] / 1e6:.1f}M |")

@@ -45,6 +45,11 @@ def run(args) -> int:
     out.with_suffix(".md").write_text(table)
     print(table)
     print(f"wrote {out}.json and {out}.md")
+    from moedit.bench.report import failures
+
+    if failed := failures(result):
+        print(f"moedit bench: {len(failed)} measurement(s) failed (their rows say why):\n  " + "\n  ".join(failed))
+        return 1
     return 0
 
 
@@ -72,7 +77,8 @@ def _layer(args, device, on_gpu: bool) -> tuple[dict, str]:
     for case in cases:
         for routing in args.routing:
             rows += run_case(case, routing == "skewed", device, dtype, names, args.repeats)
-            print(f"{case.name} {routing}: " + ", ".join(f"{r['impl']} {r['tflops']:.1f} TFLOP/s" for r in rows[-len(names):]))
+            print(f"{case.name} {routing}: " + ", ".join(f"{r['impl']} " + ("failed" if r.get("failed") else f"{r['tflops']:.1f} TFLOP/s")
+                                                         for r in rows[-len(names):]))
     meta = {**describe_device(device), "preset": preset, "dtype": str(dtype).removeprefix("torch."), "repeats": args.repeats}
     result = {"meta": meta, "rows": rows}
     return result, layer_markdown(result)
