@@ -16,11 +16,12 @@ import pytest
 
 from moedit.moe import glue_triton
 
-SEGMENT_SUM = [  # (source, output, SEGMENTS, WEIGHTED)
-    ("*fp32", "*bf16", False, False),  # gather: float32 activations to bf16 expert rows
-    ("*bf16", "*fp32", True, False),  # gather's backward: segment sum of bf16 row gradients
-    ("*bf16", "*fp32", True, True),  # combine: weighted segment sum of bf16 expert outputs
-    ("*fp32", "*fp32", True, True),  # the same without autocast
+SEGMENT_SUM = [  # (source, output, SEGMENTS, WEIGHTED, BIAS)
+    ("*fp32", "*bf16", False, False, False),  # gather: float32 activations to bf16 expert rows
+    ("*bf16", "*fp32", True, False, False),  # gather's backward: segment sum of bf16 row gradients
+    ("*bf16", "*fp32", True, True, True),  # combine of GELU experts: weights and the output bias
+    ("*bf16", "*fp32", True, True, False),  # combine of SwiGLU experts (no bias)
+    ("*fp32", "*fp32", True, True, True),  # the same without autocast
 ]
 
 
@@ -44,17 +45,19 @@ def compile_all() -> list[str]:
     block, warps = glue_triton._row_tile(1152)  # the DiT-XL width
 
     done = []
-    for src, out, segments, weighted in SEGMENT_SUM:
+    for src, out, segments, weighted, bias in SEGMENT_SUM:
         build(glue_triton._segment_sum_kernel,
-              {"src_ptr": src, "idx_ptr": "*i64", "w_ptr": "*fp32", "ptr_ptr": "*i64", "out_ptr": out,
-               "stride_src": "i64", "stride_out": "i64"},
-              {"D": 1152, "SEGMENTS": segments, "WEIGHTED": weighted, "BLOCK_D": block}, warps)
-        done.append(f"segment_sum {src}->{out} segments={segments} weighted={weighted}")
-    build(glue_triton._combine_backward_kernel,
-          {"dout_ptr": "*fp32", "ys_ptr": "*bf16", "tok_ptr": "*i64", "pos_ptr": "*i64", "w_ptr": "*fp32",
-           "dys_ptr": "*bf16", "dw_ptr": "*fp32", "stride_dout": "i64", "stride_ys": "i64", "stride_dys": "i64"},
-          {"D": 1152, "BLOCK_D": block}, warps)
-    done.append("combine_backward")
+              {"src_ptr": src, "idx_ptr": "*i64", "w_ptr": "*fp32", "ptr_ptr": "*i64", "bias_ptr": "*fp32",
+               "bexp_ptr": "*i64", "out_ptr": out, "stride_src": "i64", "stride_out": "i64"},
+              {"D": 1152, "SEGMENTS": segments, "WEIGHTED": weighted, "BIAS": bias, "BLOCK_D": block}, warps)
+        done.append(f"segment_sum {src}->{out} segments={segments} weighted={weighted} bias={bias}")
+    for bias in (False, True):
+        build(glue_triton._combine_backward_kernel,
+              {"dout_ptr": "*fp32", "ys_ptr": "*bf16", "tok_ptr": "*i64", "pos_ptr": "*i64", "w_ptr": "*fp32",
+               "bias_ptr": "*fp32", "bexp_ptr": "*i64", "dys_ptr": "*bf16", "dw_ptr": "*fp32", "stride_dout": "i64",
+               "stride_ys": "i64", "stride_dys": "i64"},
+              {"D": 1152, "BIAS": bias, "BLOCK_D": block}, warps)
+        done.append(f"combine_backward bias={bias}")
     for backward in (False, True):
         build(glue_triton._bias_gelu_kernel,
               {"z_ptr": "*bf16", "b_ptr": "*bf16", "e_ptr": "*i64", "g_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32"},
@@ -71,7 +74,7 @@ def test_every_kernel_compiles_for_hopper() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split("\n")[-2] == "compiled 9 kernel signatures for sm_90", proc.stdout
+    assert proc.stdout.split("\n")[-2] == "compiled 11 kernel signatures for sm_90", proc.stdout
 
 
 if __name__ == "__main__":

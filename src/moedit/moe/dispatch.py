@@ -117,29 +117,34 @@ def dispatch_grouped_fixed(x_ND: torch.Tensor, routing: Routing, experts: Stacke
 
 
 def _token_major(routing: Routing, slot_M: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The assignments as a token-major CSR: (ptr_N1, tok_J, pos_J, weight_J), pos_J the sorted row."""
+    """The assignments as a token-major CSR: (ptr_N1, tok_J, pos_J, weight_J, expert_J), pos_J the sorted row."""
     N, device = routing.num_tokens, routing.token_M.device
     if routing.per_token is not None:  # token-major already, k per token
         ptr_N1 = torch.arange(N + 1, device=device) * routing.per_token
-        return ptr_N1, routing.token_M, slot_M, routing.weight_M
+        return ptr_N1, routing.token_M, slot_M, routing.weight_M, routing.expert_M
     by_token_M = torch.argsort(routing.token_M, stable=True)
     ptr_N1 = torch.zeros(N + 1, dtype=torch.long, device=device)
     torch.cumsum(routing.experts_per_token_N(), 0, out=ptr_N1[1:])
-    return ptr_N1, routing.token_M[by_token_M], slot_M[by_token_M], routing.weight_M[by_token_M]
+    return (ptr_N1, routing.token_M[by_token_M], slot_M[by_token_M], routing.weight_M[by_token_M],
+            routing.expert_M[by_token_M])
 
 
 def dispatch_fused(x_ND: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
-    """`grouped` with Triton's one-pass gather and combine (any routing, token-major or not)."""
+    """`grouped` with Triton's one-pass gather, activation and combine (any routing, token-major or not);
+    GELU experts' output bias is added inside the combine, in float32."""
     from moedit.moe import glue_triton  # Triton is optional: imported only where this backend runs
 
     if routing.token_M.numel() == 0:
         return torch.zeros_like(x_ND)
     order_M, slot_M, offs_E = _expert_order(routing)
-    ptr_N1, tok_J, pos_J, weight_J = _token_major(routing, slot_M)
+    ptr_N1, tok_J, pos_J, weight_J, expert_J = _token_major(routing, slot_M)
+    expert_M = routing.expert_M[order_M]
     xs_MD = glue_triton.gather_rows(x_ND, routing.token_M[order_M], ptr_N1, pos_J, _compute_dtype(x_ND))
-    ys_MD = experts.forward_grouped(xs_MD, routing.expert_M[order_M], offs_E, bias_gelu=glue_triton.bias_gelu,
-                                    swiglu=glue_triton.swiglu)
-    return glue_triton.combine_rows(ys_MD, weight_J, tok_J, pos_J, ptr_N1, x_ND.dtype)
+    fold_b2 = experts.kind == "mlp"
+    ys_MD = experts.forward_grouped(xs_MD, expert_M, offs_E, bias_gelu=glue_triton.bias_gelu,
+                                    swiglu=glue_triton.swiglu, add_b2=not fold_b2)
+    bias = dict(b_ED=experts.b2_ED, expert_J=expert_J, expert_M=expert_M) if fold_b2 else {}
+    return glue_triton.combine_rows(ys_MD, weight_J, tok_J, pos_J, ptr_N1, x_ND.dtype, **bias)
 
 
 _IMPLS = {"loop": dispatch_loop, "grouped": dispatch_grouped, "fused": dispatch_fused}

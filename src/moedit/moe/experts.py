@@ -115,10 +115,11 @@ class StackedExperts(nn.Module):
 
     def forward_grouped(self, x_MD: torch.Tensor, expert_M: torch.Tensor, offs_E: torch.Tensor,
                         bias_gelu: Callable[..., torch.Tensor] | None = None,
-                        swiglu: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+                        swiglu: Callable[..., torch.Tensor] | None = None, add_b2: bool = True) -> torch.Tensor:
         """All experts at once on rows already sorted by expert; offs_E are int32 cumulative ends.
         Fused kernels, where given, replace the activations: `bias_gelu(z_MH, b1_EH, expert_M)` computes
-        GELU_tanh(z + b1[expert]), `swiglu(a_MH, b_MH)` computes silu(a)·b."""
+        GELU_tanh(z + b1[expert]), `swiglu(a_MH, b_MH)` computes silu(a)·b. Without `add_b2` the output
+        bias is left to the caller (the fused combine adds it while it sums)."""
         if self.kind == "mlp":
             w1, w2, b1, b2 = self._weights(x_MD.dtype)
             z_MH = F.grouped_mm(x_MD, w1, offs=offs_E)
@@ -126,7 +127,8 @@ class StackedExperts(nn.Module):
                 h_MH = bias_gelu(z_MH, b1, expert_M)
             else:
                 h_MH = F.gelu(z_MH + expert_rows(b1, expert_M), approximate="tanh")
-            return F.grouped_mm(h_MH, w2, offs=offs_E) + expert_rows(b2, expert_M)
+            y_MD = F.grouped_mm(h_MH, w2, offs=offs_E)
+            return y_MD + expert_rows(b2, expert_M) if add_b2 else y_MD
         w1, w2, wu = self._weights(x_MD.dtype)
         a_MH, b_MH = F.grouped_mm(x_MD, w1, offs=offs_E), F.grouped_mm(x_MD, wu, offs=offs_E)
         h_MH = swiglu(a_MH, b_MH) if swiglu is not None else F.silu(a_MH) * b_MH

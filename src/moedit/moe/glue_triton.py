@@ -6,8 +6,9 @@ Here each direction is one pass, as ScatterMoE argues, and no pass accumulates t
 
 - gather  : xs[p] = x[src[p]] cast to the experts' dtype, p over the M expert-sorted rows.
             Backward: dx[i] = Σ_{j ∈ seg(i)} dxs[pos[j]]          (a segment sum, float32)
-- combine : out[i] = Σ_{j ∈ seg(i)} w[j] · ys[pos[j]]          (float32, cast once)
-            Backward: dys[pos[j]] = w[j] · dout[tok[j]],  dw[j] = ⟨dout[tok[j]], ys[pos[j]]⟩
+- combine : out[i] = Σ_{j ∈ seg(i)} w[j] · (ys[pos[j]] + b2[e[j]])   (float32, cast once)
+            Backward: dys[pos[j]] = w[j] · dout[tok[j]],  dw[j] = ⟨dout[tok[j]], ys[pos[j]] + b2[e[j]]⟩,
+            db2 = Σ over each expert's rows of dys (one matrix product)
 
 The assignments j are listed token-major (CSR): seg(i) = [ptr[i], ptr[i+1]), tok[j] its token, pos[j]
 its row among the expert-sorted rows. Token choice is token-major already; other routers are sorted
@@ -61,9 +62,11 @@ def _row_tile(D: int) -> tuple[int, int]:
 if TRITON_FOUND:
 
     @triton.jit
-    def _segment_sum_kernel(src_ptr, idx_ptr, w_ptr, ptr_ptr, out_ptr, D: tl.constexpr, stride_src, stride_out,
-                            SEGMENTS: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out[row] = Σ_{j ∈ seg(row)} (w[j]·) src[idx[j]]; without SEGMENTS each row's segment is {row}."""
+    def _segment_sum_kernel(src_ptr, idx_ptr, w_ptr, ptr_ptr, bias_ptr, bexp_ptr, out_ptr, D: tl.constexpr,
+                            stride_src, stride_out, SEGMENTS: tl.constexpr, WEIGHTED: tl.constexpr,
+                            BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[row] = Σ_{j ∈ seg(row)} (w[j]·) (src[idx[j]] (+ bias[bexp[j]])); without SEGMENTS each row's
+        segment is {row}. `bias` is (E, D) contiguous: the second expert product's bias, added here."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -74,6 +77,8 @@ if TRITON_FOUND:
             while j < end:  # a while loop: Triton's interpreter takes no loaded values as range() bounds
                 r = tl.load(idx_ptr + j)
                 v = tl.load(src_ptr + r * stride_src + cols, mask=mask, other=0.0).to(tl.float32)
+                if BIAS:
+                    v += tl.load(bias_ptr + tl.load(bexp_ptr + j) * D + cols, mask=mask, other=0.0).to(tl.float32)
                 if WEIGHTED:
                     v = v * tl.load(w_ptr + j)
                 acc += v
@@ -83,9 +88,10 @@ if TRITON_FOUND:
         tl.store(out_ptr + row * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _combine_backward_kernel(dout_ptr, ys_ptr, tok_ptr, pos_ptr, w_ptr, dys_ptr, dw_ptr, D: tl.constexpr,
-                                 stride_dout, stride_ys, stride_dys, BLOCK_D: tl.constexpr):
-        """For assignment j: dys[pos[j]] = w[j]·dout[tok[j]] and dw[j] = ⟨dout[tok[j]], ys[pos[j]]⟩."""
+    def _combine_backward_kernel(dout_ptr, ys_ptr, tok_ptr, pos_ptr, w_ptr, bias_ptr, bexp_ptr, dys_ptr, dw_ptr,
+                                 D: tl.constexpr, stride_dout, stride_ys, stride_dys, BIAS: tl.constexpr,
+                                 BLOCK_D: tl.constexpr):
+        """For assignment j: dys[pos[j]] = w[j]·dout[tok[j]] and dw[j] = ⟨dout[tok[j]], ys[pos[j]] (+ bias[bexp[j]])⟩."""
         j = tl.program_id(0).to(tl.int64)
         t = tl.load(tok_ptr + j)
         p = tl.load(pos_ptr + j)
@@ -96,6 +102,8 @@ if TRITON_FOUND:
             mask = cols < D
             g = tl.load(dout_ptr + t * stride_dout + cols, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(ys_ptr + p * stride_ys + cols, mask=mask, other=0.0).to(tl.float32)
+            if BIAS:
+                y += tl.load(bias_ptr + tl.load(bexp_ptr + j) * D + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(dys_ptr + p * stride_dys + cols, (g * w).to(dys_ptr.dtype.element_ty), mask=mask)
             dot += g * y
         tl.store(dw_ptr + j, tl.sum(dot, axis=0))
@@ -211,18 +219,24 @@ def swiglu(a_MH: torch.Tensor, b_MH: torch.Tensor) -> torch.Tensor:
 
 
 def _segment_sum(src_RD: torch.Tensor, idx_J: torch.Tensor, rows: int, dtype: torch.dtype,
-                 ptr_N1: torch.Tensor | None = None, w_J: torch.Tensor | None = None) -> torch.Tensor:
+                 ptr_N1: torch.Tensor | None = None, w_J: torch.Tensor | None = None,
+                 b_ED: torch.Tensor | None = None, expert_J: torch.Tensor | None = None) -> torch.Tensor:
     D = src_RD.shape[1]
     out_ND = torch.empty(rows, D, dtype=dtype, device=src_RD.device)
     if rows == 0 or D == 0:
         return out_ND.zero_()
     block, warps = _row_tile(D)
     grid = (rows, triton.cdiv(D, block))
-    _segment_sum_kernel[grid](src_RD, idx_J, w_J if w_J is not None else idx_J, ptr_N1 if ptr_N1 is not None else idx_J,
-                              out_ND, D, src_RD.stride(0), out_ND.stride(0),
-                              SEGMENTS=ptr_N1 is not None, WEIGHTED=w_J is not None, BLOCK_D=block,
-                              num_warps=warps)
+    unused = idx_J  # a pointer the kernel never reads, for arguments a variant does without
+    _segment_sum_kernel[grid](src_RD, idx_J, _or(w_J, unused), _or(ptr_N1, unused), _or(b_ED, unused),
+                              _or(expert_J, unused), out_ND, D, src_RD.stride(0), out_ND.stride(0),
+                              SEGMENTS=ptr_N1 is not None, WEIGHTED=w_J is not None, BIAS=b_ED is not None,
+                              BLOCK_D=block, num_warps=warps)
     return out_ND
+
+
+def _or(t: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else default
 
 
 class _Gather(torch.autograd.Function):
@@ -243,30 +257,37 @@ class _Gather(torch.autograd.Function):
 
 
 class _Combine(torch.autograd.Function):
-    """out[i] = Σ_{j ∈ seg(i)} w[j] · ys[pos[j]] in float32, cast to out_dtype."""
+    """out[i] = Σ_{j ∈ seg(i)} w[j] · (ys[pos[j]] + b[expert[j]]) in float32, cast to out_dtype."""
 
     @staticmethod
-    def forward(ctx, ys_MD, w_J, tok_J, pos_J, ptr_N1, out_dtype):
+    def forward(ctx, ys_MD, w_J, b_ED, tok_J, pos_J, ptr_N1, expert_J, expert_M, out_dtype):
         ys_MD, w32_J = ys_MD.contiguous(), w_J.float().contiguous()
-        ctx.save_for_backward(ys_MD, w32_J, tok_J, pos_J)
+        b_ED = b_ED.contiguous() if b_ED is not None else None
+        ctx.save_for_backward(ys_MD, w32_J, b_ED, tok_J, pos_J, expert_J, expert_M)
         ctx.w_dtype = w_J.dtype
-        return _segment_sum(ys_MD, pos_J, ptr_N1.shape[0] - 1, out_dtype, ptr_N1=ptr_N1, w_J=w32_J)
+        return _segment_sum(ys_MD, pos_J, ptr_N1.shape[0] - 1, out_dtype, ptr_N1=ptr_N1, w_J=w32_J, b_ED=b_ED,
+                            expert_J=expert_J)
 
     @staticmethod
     def backward(ctx, dout_ND):
-        ys_MD, w32_J, tok_J, pos_J = ctx.saved_tensors
+        ys_MD, w32_J, b_ED, tok_J, pos_J, expert_J, expert_M = ctx.saved_tensors
         dout_ND = dout_ND.contiguous()
         dys_MD = torch.empty_like(ys_MD)
         dw_J = torch.empty_like(w32_J)
         M, D = ys_MD.shape
         if M > 0 and D > 0:
             block, warps = _row_tile(D)
-            _combine_backward_kernel[(M,)](dout_ND, ys_MD, tok_J, pos_J, w32_J, dys_MD, dw_J, D, dout_ND.stride(0),
-                                           ys_MD.stride(0), dys_MD.stride(0), BLOCK_D=block, num_warps=warps)
+            _combine_backward_kernel[(M,)](dout_ND, ys_MD, tok_J, pos_J, w32_J, _or(b_ED, tok_J), _or(expert_J, tok_J),
+                                           dys_MD, dw_J, D, dout_ND.stride(0), ys_MD.stride(0), dys_MD.stride(0),
+                                           BIAS=b_ED is not None, BLOCK_D=block, num_warps=warps)
         else:
             dys_MD.zero_()
             dw_J.zero_()
-        return dys_MD, dw_J.to(ctx.w_dtype), None, None, None, None
+        db_ED = None
+        if b_ED is not None:  # Σ over each expert's rows of w·dout = of dys: one product, as experts.expert_rows
+            onehot_EM = torch.nn.functional.one_hot(expert_M, b_ED.shape[0]).T.to(dys_MD.dtype)
+            db_ED = (onehot_EM @ dys_MD).to(b_ED.dtype)
+        return dys_MD, dw_J.to(ctx.w_dtype), db_ED, None, None, None, None, None, None
 
 
 def gather_rows(x_ND: torch.Tensor, src_M: torch.Tensor, ptr_N1: torch.Tensor, pos_J: torch.Tensor,
@@ -277,6 +298,10 @@ def gather_rows(x_ND: torch.Tensor, src_M: torch.Tensor, ptr_N1: torch.Tensor, p
 
 
 def combine_rows(ys_MD: torch.Tensor, w_J: torch.Tensor, tok_J: torch.Tensor, pos_J: torch.Tensor,
-                 ptr_N1: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """out[i] = Σ_{j ∈ [ptr[i], ptr[i+1])} w_J[j] · ys_MD[pos_J[j]] (float32 sums, one cast)."""
-    return _Combine.apply(ys_MD, w_J, tok_J, pos_J, ptr_N1, out_dtype)
+                 ptr_N1: torch.Tensor, out_dtype: torch.dtype, b_ED: torch.Tensor | None = None,
+                 expert_J: torch.Tensor | None = None, expert_M: torch.Tensor | None = None) -> torch.Tensor:
+    """out[i] = Σ_{j ∈ [ptr[i], ptr[i+1])} w_J[j] · (ys_MD[pos_J[j]] + b_ED[expert_J[j]]) (float32 sums, one
+    cast). With a bias, expert_J is each assignment's expert and expert_M each sorted row's, for its gradient."""
+    if b_ED is not None and (expert_J is None or expert_M is None):
+        raise ValueError("combine_rows with a bias needs expert_J (per assignment) and expert_M (per sorted row)")
+    return _Combine.apply(ys_MD, w_J, b_ED, tok_J, pos_J, ptr_N1, expert_J, expert_M, out_dtype)
