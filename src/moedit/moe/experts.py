@@ -33,10 +33,15 @@ def _stacked(E: int, rows: int, cols: int, layout: str) -> nn.Parameter:
     return nn.Parameter(torch.empty(E, rows, cols) if layout == "row" else torch.empty(E, cols, rows).transpose(1, 2))
 
 
+def sum_per_expert(g_MX: torch.Tensor, expert_M: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E, X) sums of the rows of each expert, by one matrix product onehot_EM · g_MX: indexing's
+    backward (index_put) accumulates M rows into E targets one after another, a product reduces them
+    in parallel and in a fixed order. F.one_hot with a given class count reads nothing back on CUDA."""
+    return F.one_hot(expert_M, num_experts).T.to(g_MX.dtype) @ g_MX
+
+
 class _ExpertRows(torch.autograd.Function):
-    """b_EX[expert_M] with the gradient summed per expert by one matrix product, onehot_EMᵀ · g_MX: plain
-    indexing's backward accumulates M rows into E targets one after another (index_put), a product
-    reduces them in parallel and in a fixed order."""
+    """b_EX[expert_M] with the gradient summed per expert by `sum_per_expert`."""
 
     @staticmethod
     def forward(ctx, b_EX: torch.Tensor, expert_M: torch.Tensor) -> torch.Tensor:
@@ -47,8 +52,7 @@ class _ExpertRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_MX: torch.Tensor):
         (expert_M,) = ctx.saved_tensors
-        onehot_EM = F.one_hot(expert_M, ctx.num_experts).T.to(g_MX.dtype)
-        return onehot_EM @ g_MX, None
+        return sum_per_expert(g_MX, expert_M, ctx.num_experts), None
 
 
 def expert_rows(b_EX: torch.Tensor, expert_M: torch.Tensor) -> torch.Tensor:

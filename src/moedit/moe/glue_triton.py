@@ -18,7 +18,7 @@ backend. Each output element is written by exactly one program, so results are d
 Between the two expert products, `bias_gelu` computes h = GELU_tanh(z + b1[expert]) in one pass over the
 (M, H) rows, the widest tensor of the layer, where PyTorch writes the bias rows, adds and applies GELU
 in three; its backward recomputes u = z + b1[e] and writes dz in one pass, the bias gradient being one
-matrix product (experts.expert_rows). For SwiGLU experts `swiglu` does the same for silu(a)·b.
+matrix product (experts.sum_per_expert). For SwiGLU experts `swiglu` does the same for silu(a)·b.
 
 The kernels run on CUDA; with TRITON_INTERPRET=1 set before this module is imported, Triton's
 interpreter runs them on CPU tensors, which is how the test suite checks them against the loop.
@@ -30,6 +30,8 @@ import importlib.util
 import os
 
 import torch
+
+from moedit.moe.experts import sum_per_expert
 
 TRITON_FOUND = importlib.util.find_spec("triton") is not None
 if TRITON_FOUND:
@@ -180,8 +182,7 @@ class _BiasGelu(torch.autograd.Function):
     def backward(ctx, g_MH):
         z_MH, b_EH, expert_M = ctx.saved_tensors
         dz_MH = _bias_gelu_launch(z_MH, b_EH, expert_M, g_MH.contiguous())
-        onehot_EM = torch.nn.functional.one_hot(expert_M, b_EH.shape[0]).T.to(dz_MH.dtype)
-        return dz_MH, (onehot_EM @ dz_MH).to(b_EH.dtype), None
+        return dz_MH, sum_per_expert(dz_MH, expert_M, b_EH.shape[0]).to(b_EH.dtype), None
 
 
 def bias_gelu(z_MH: torch.Tensor, b_EH: torch.Tensor, expert_M: torch.Tensor) -> torch.Tensor:
@@ -284,9 +285,8 @@ class _Combine(torch.autograd.Function):
             dys_MD.zero_()
             dw_J.zero_()
         db_ED = None
-        if b_ED is not None:  # Σ over each expert's rows of w·dout = of dys: one product, as experts.expert_rows
-            onehot_EM = torch.nn.functional.one_hot(expert_M, b_ED.shape[0]).T.to(dys_MD.dtype)
-            db_ED = (onehot_EM @ dys_MD).to(b_ED.dtype)
+        if b_ED is not None:  # Σ over each expert's rows of w·dout, which is dys
+            db_ED = sum_per_expert(dys_MD, expert_M, b_ED.shape[0]).to(b_ED.dtype)
         return dys_MD, dw_J.to(ctx.w_dtype), db_ED, None, None, None, None, None, None
 
 
