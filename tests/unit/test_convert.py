@@ -76,6 +76,14 @@ def test_exact_configurations_reproduce_the_dense_model(settings):
     assert report["null_label_samples"] == 4
 
 
+def test_conversion_into_column_major_experts_is_exact():
+    settings = {**moe(name="topk", top_k=2, normalize=True, num_shared=1), "expert_layout": "col"}
+    model, report = convert_and_verify(dense_model(), settings)
+    assert report["exact_expected"] and report["max_abs"] <= TOL, report
+    w1 = model.blocks[0].moe.experts.w1_EDH
+    assert w1.stride()[1:] == (1, w1.shape[1])  # each expert's matrix column-major
+
+
 def test_swiglu_conversion_is_exact():
     _, report = convert_and_verify(dense_model(ffn="swiglu", mlp_ratio=8 / 3), moe(top_k=2, normalize=True,
                                                                                     expert_ratio=8 / 3))
