@@ -31,7 +31,9 @@ save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, sy
 def test_two_process_ddp(tmp_path):
     cfg = {
         "model": {"preset": "micro", "image_size": 8, "patch_size": 2,
-                  "moe": {"num_experts": 4, "expert_ratio": 1.0,
+                  # column-major experts: DDP's gradient buckets follow the parameters' strides
+                  # (test_router_ddp.py trains the default row-major layout)
+                  "moe": {"num_experts": 4, "expert_ratio": 1.0, "expert_layout": "col",
                           "router": {"top_k": 1, "selection_bias": True, "bias_update_rate": 0.01}}},
         "data": {"name": "synthetic", "image_size": 8},
         "train": {"out_dir": str(tmp_path / "run"), "steps": 4, "batch_size": 8, "ckpt_every": 0, "log_every": 2},
