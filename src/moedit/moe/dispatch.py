@@ -6,9 +6,10 @@ Backends (interchangeable; tests check they agree in forward and gradients):
 - `grouped` : same sort, then one `F.grouped_mm` per matrix with int32 cumulative offsets; on
               sm90/sm100 GPUs with bf16 this is a single fused kernel per matrix.
 - `fused`   : `grouped`'s products with the glue in Triton kernels (moe/glue_triton.py): one pass
-              gathers and casts the rows, one applies bias and GELU (or SwiGLU's silu(a)·b) between the products, one weights
-              and sums the rows per token; their backwards are single passes and segment sums (no
-              atomics). CUDA; on CPU only under Triton's interpreter.
+              gathers and casts the rows, one applies bias and GELU (or SwiGLU's silu(a)·b) between
+              the products, one adds the output bias, weights and sums the rows per token; their
+              backwards are single passes and segment sums (no atomics). CUDA; on CPU only under
+              Triton's interpreter. Taken only when named, until GPU measurements say otherwise.
 - `auto`    : `grouped` on CUDA. On CPU, by the mean number of rows each expert receives: `grouped`
               below CPU_GROUPED_BELOW rows (one call beats a Python loop of tiny matmuls: sampling,
               small batches), `loop` above it (grouped_mm loops over groups internally on CPU and its
