@@ -25,10 +25,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from moedit.eval.sampling import EvalError
     from moedit.train.checkpoint import CheckpointError
     from moedit.train.trainer import TrainingError
+    from moedit.utils.files import PathError
     from moedit.zoo.plan import ZooError
 
     return (ConfigError, DatasetError, CheckpointError, TrainingError, DiagnosticsError, EvalError,
-            FeatureClassifierError, ZooError)
+            FeatureClassifierError, ZooError, PathError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command].run(args) or 0
     except user_errors() as exc:
         print(f"moedit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file-system failure no earlier check caught (disk filled up mid-run, ...)
+        from moedit.utils.files import describe_os_error
+
+        print(f"moedit {args.command}: error: {describe_os_error(exc, 'read or write')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moedit {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
