@@ -9,6 +9,8 @@ directory stores next to its outputs.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,27 @@ import yaml
 
 class ConfigError(ValueError):
     """A user-fixable problem in a configuration (bad key, wrong type, impossible value)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 3e-4 and 1e400 as numbers: YAML 1.1 (PyYAML) wants a dot and a signed
+    exponent (3.0e-4), so `lr: 3e-4` in a file was a string and got refused as "expected a number"."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The YAML error in one line (PyYAML's own message spans several, with a caret drawing)."""
+    mark = getattr(exc, "problem_mark", None)
+    if getattr(exc, "problem", None) and mark is not None:
+        return f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
 
 
 # ----------------------------------------------------------------------------- model / MoE
@@ -253,13 +276,22 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), where)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     raise ConfigError(f"{where}: unsupported config type {tp!r}")  # a bug in moedit, not the user
+
+
+def _finite(value: float, where: str) -> float:
+    """Every float setting is a real number: NaN passes every `<` check and inf (also what an overflowing
+    literal such as 1e400 becomes) breaks the arithmetic, so both are refused here, once for all fields."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}={value} is not a finite number; give an ordinary number "
+                          "(.nan, .inf and literals beyond ±1.8e308 are not settings)")
+    return value
 
 
 def _type_name(tp: Any) -> str:
@@ -299,12 +331,7 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Read a config file. A top-level `base: other.yaml` (relative to this file) is loaded first
     and this file's keys are merged over it, level by level, so a variant states only what differs."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/quickstart.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    data = _yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     base = data.pop("base", None)
@@ -314,6 +341,25 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if base_path in _seen or base_path == path.resolve():
         raise ConfigError(f"config file {path}: `base: {base}` makes a cycle of base files")
     return deep_merge(load_yaml(base_path, _seen + (path.resolve(),)), data)
+
+
+def _yaml_file(path: Path) -> Any:
+    """The parsed file; a missing file, a folder, a binary or non-UTF-8 file, or bad YAML is a ConfigError."""
+    from moedit.utils.files import describe_os_error
+
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file such as configs/quickstart.yaml")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/quickstart.yaml")
+    try:
+        return _yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not a UTF-8 text file (byte {exc.start} cannot be decoded): "
+                          "is it a binary file? pass a YAML file such as configs/quickstart.yaml") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file: {describe_os_error(exc, 'read')}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from exc
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -338,17 +384,37 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value, e.g. train.lr=3e-4")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
-        if isinstance(value, str) and _looks_numeric(value):
-            value = float(value)  # YAML 1.1 reads 3e-4 as a string
+        parts = _override_key(item, key)
+        value = _override_value(item, raw)
         node = data
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
         node[parts[-1]] = value
     return data
+
+
+def _override_key(item: str, key: str) -> list[str]:
+    parts = key.strip().split(".")
+    if not all(part.strip() for part in parts):
+        raise ConfigError(f"override {item!r}: the key {key.strip()!r} has an empty part; "
+                          "write a dotted path of config keys, e.g. train.lr=3e-4")
+    return parts
+
+
+def _override_value(item: str, raw: str) -> Any:
+    """The value parsed as YAML (empty = null); strings like 1e-3 or nan that YAML keeps as text become floats."""
+    if raw == "":
+        return None
+    try:
+        value = _yaml(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML ({_yaml_problem(exc)}); "
+                          "values are read as YAML: e.g. 3e-4, true, [0.9, 0.95], or quote a string") from exc
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)
+    return value
 
 
 def _looks_numeric(s: str) -> bool:
@@ -380,12 +446,39 @@ def _choice(value: str, valid: tuple[str, ...], key: str) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
 
 
+def _need(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise `key=value <rule>` unless ok; rule says the valid range and, where it helps, what the value means."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} {rule}")
+
+
+def _at_least(obj: Any, section: str, keys: tuple[str, ...], low: int, note: str = "") -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        _need(value >= low, f"{section}.{key}", value, f"must be at least {low}{note}")
+
+
+def _positive(obj: Any, section: str, keys: tuple[str, ...], note: str = "") -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        _need(value is None or value > 0, f"{section}.{key}", value, f"must be positive{note}")
+
+
 def validate(cfg: Config) -> None:
-    """Checks that need more than one field or a range; each names the key and the fix."""
-    m = cfg.model
-    for key in ("image_size", "in_channels", "patch_size", "width", "depth", "heads"):
-        if getattr(m, key) < 1:  # also keeps the divisibility checks below from dividing by zero
-            raise ConfigError(f"model.{key}={getattr(m, key)} must be at least 1")
+    """Checks that need more than one field or a range; each names the key and the fix. (Non-finite
+    floats never get here: `_convert` refuses them for every field.)"""
+    _validate_model(cfg.model)
+    _validate_objective(cfg.objective)
+    _validate_sample(cfg.sample, cfg.objective)
+    _validate_train(cfg.train)
+    _choice(cfg.data.name, ("mnist", "fashion_mnist", "folder", "npz", "synthetic"), "data.name")
+    _positive(cfg.data, "data", ("image_size",), " (the resized side in pixels), or null for the native size")
+    _validate_diagnostics(cfg.diagnostics)
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _at_least(m, "model", ("image_size", "in_channels", "patch_size", "width", "depth", "heads", "num_classes"), 1)
+    # (at least 1 also keeps the divisibility checks below from dividing by zero)
     if m.image_size % m.patch_size != 0:
         raise ConfigError(
             f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}; "
@@ -402,34 +495,76 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.out_channels={m.out_channels} must be at least model.in_channels="
                           f"{m.in_channels} (the prediction's first in_channels are used), or null")
     _choice(m.ffn, ("mlp", "swiglu"), "model.ffn")
+    _positive(m, "model", ("mlp_ratio",), " (dense FFN hidden width = mlp_ratio · width), e.g. 4")
     if not 0.0 <= m.class_dropout < 1.0:
         raise ConfigError("model.class_dropout must be in [0, 1)")
     if m.moe is not None:
         _validate_moe(m.moe)
-    o = cfg.objective
+
+
+def _validate_objective(o: ObjectiveConfig) -> None:
     _choice(o.name, ("rectified_flow", "ddpm"), "objective.name")
     _choice(o.t_sampling, ("uniform", "logit_normal"), "objective.t_sampling")
     _choice(o.beta_schedule, ("linear", "cosine"), "objective.beta_schedule")
-    s = cfg.sample
+    _positive(o, "objective", ("logit_std",), " (the spread of the logit-normal t), e.g. 1")
+    _positive(o, "objective", ("t_shift",), " (1 = no shift)")
+    _at_least(o, "objective", ("ddpm_steps",), 1)
+    for key in ("beta_start", "beta_end"):
+        _need(0.0 < getattr(o, key) < 1.0, f"objective.{key}", getattr(o, key),
+              "must be in (0, 1): it is a noise variance per step (DDPM uses 1e-4 and 0.02)")
+    _need(o.beta_start <= o.beta_end, "objective.beta_start", o.beta_start,
+          f"must not exceed objective.beta_end={o.beta_end} (the linear schedule rises from start to end)")
+
+
+def _validate_sample(s: SampleConfig, o: ObjectiveConfig) -> None:
+    """Checked with the training config, so a bad value fails before training, not after it."""
     valid_samplers = ("euler", "heun") if o.name == "rectified_flow" else ("ddpm", "ddim")
     if s.sampler not in valid_samplers:
         raise ConfigError(
             f"sample.sampler={s.sampler!r} does not fit objective.name={o.name!r}; "
             f"choose one of: {', '.join(valid_samplers)}"
         )
-    if s.cfg_interval is not None and len(s.cfg_interval) != 2:
+    _at_least(s, "sample", ("steps", "per_class"), 1)
+    if s.cfg_interval is None:
+        return
+    if len(s.cfg_interval) != 2:
         raise ConfigError("sample.cfg_interval must be [t_lo, t_hi] or null")
-    t = cfg.train
+    lo, hi = s.cfg_interval
+    _need(0.0 <= lo <= hi <= 1.0, "sample.cfg_interval", s.cfg_interval,
+          "must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1 (times t in [0, 1]), or null to guide at every step")
+
+
+DEVICE_FORMS = "auto | cpu | cuda | cuda:N (N = 0, 1, ...)"
+
+
+def _validate_train(t: TrainConfig) -> None:
     _choice(t.precision, ("auto", "fp32", "bf16"), "train.precision")
     _validate_storage(t)
     _choice(t.lr_schedule, ("constant", "cosine"), "train.lr_schedule")
-    for key in ("steps", "batch_size", "grad_accum", "keep_last"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} must be at least 1")
+    _at_least(t, "train", ("steps", "batch_size", "grad_accum", "keep_last", "log_every"), 1)
+    _at_least(t, "train", ("warmup_steps",), 0, " (0 = no warmup)")
+    _at_least(t, "train", ("ckpt_every", "sample_every"), 0, " (0 = only at the end)")
+    _need(t.threads is None or t.threads >= 1, "train.threads", t.threads,
+          "must be at least 1, or null for torch's default")
+    _need(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device) is not None, "train.device", t.device,
+          f"is not a device; use one of: {DEVICE_FORMS}")
+    _validate_optimizer(t)
+
+
+def _validate_optimizer(t: TrainConfig) -> None:
+    _positive(t, "train", ("lr",), ", e.g. 1e-3")
     if len(t.betas) != 2:
         raise ConfigError("train.betas must be a list of two numbers, e.g. [0.9, 0.999]")
-    _choice(cfg.data.name, ("mnist", "fashion_mnist", "folder", "npz", "synthetic"), "data.name")
-    _validate_diagnostics(cfg.diagnostics)
+    for i, beta in enumerate(t.betas):
+        _need(0.0 <= beta < 1.0, f"train.betas[{i}]", beta, "must be in [0, 1) (Adam's moment decays), e.g. [0.9, 0.999]")
+    _at_least(t, "train", ("weight_decay",), 0, " (0 = none)")
+    _need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", t.grad_clip,
+          "must be positive (the largest gradient norm kept), or null for no clipping")
+    _need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "must be in [0, 1), e.g. 0.999")
+    _need(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio,
+          "must be in [0, 1]: the cosine schedule's final lr as a fraction of train.lr")
+    for name, weight in t.aux_weights.items():
+        _need(weight >= 0, f"train.aux_weights.{name}", weight, "must be at least 0 (0 disables that loss)")
 
 
 def _validate_diagnostics(d: DiagnosticsConfig) -> None:
@@ -460,6 +595,9 @@ def _validate_moe(moe: MoEConfig) -> None:
     _choice(r.score, ("softmax", "sigmoid", "identity"), "model.moe.router.score")
     if moe.num_experts < 1:
         raise ConfigError("model.moe.num_experts must be at least 1")
+    _positive(moe, "model.moe", ("expert_ratio",), " (expert hidden width = expert_ratio · model.width)")
+    _positive(moe, "model.moe", ("shared_ratio",), " (shared expert hidden width ratio), or null for expert_ratio")
+    _at_least(moe, "model.moe", ("num_shared",), 0, " (0 = no shared experts)")
     if not 1 <= r.top_k <= moe.num_experts:
         raise ConfigError(
             f"model.moe.router.top_k={r.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}"
@@ -471,7 +609,15 @@ def _validate_moe(moe: MoEConfig) -> None:
         raise ConfigError(f"model.moe.router.threshold_decay={r.threshold_decay} must be in [0, 1)")
     if r.contrastive_tau <= 0:
         raise ConfigError("model.moe.router.contrastive_tau must be positive")
+    _validate_router_numbers(r)
     _validate_groups(moe)
+
+
+def _validate_router_numbers(r: RouterConfig) -> None:
+    _positive(r, "model.moe.router", ("scale",), " (it multiplies the routed experts' output; 1 = none)")
+    _at_least(r, "model.moe.router", ("bias_update_rate", "prototype_std"), 0)
+    _at_least(r, "model.moe.router", ("gate_heads",), 1)
+    _positive(r, "model.moe.router", ("gate_hidden", "predictor_hidden"), " (a width), or null for model.width")
 
 
 def _validate_groups(moe: MoEConfig) -> None:
