@@ -116,7 +116,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
     trainer = Trainer(from_dict(tiny_config(run, steps=6)), resume=True, progress=False)
     with torch.no_grad():
         trainer.model.final_layer.linear.weight.fill_(math.nan)
-    with pytest.raises(TrainingError, match="non-finite at step 3.*step_00000003 is intact"):
+    with pytest.raises(TrainingError, match="non-finite at step 4.*step_00000003 is intact"):
         trainer.train()
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000003"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import yaml
@@ -16,7 +15,10 @@ def add_arguments(p) -> None:
     p.add_argument("--config", "-c", help="YAML run config, e.g. configs/quickstart.yaml")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. --set train.lr=3e-4 model.moe.router.top_k=1")
-    p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in train.out_dir from its latest checkpoint (an error if it has none)")
+    p.add_argument("--resume-or-start", action="store_true",
+                   help="continue train.out_dir's run if it has a checkpoint, else start a new run there")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -26,12 +28,14 @@ def run(args) -> int:
     if args.dry_run:
         sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
+    from moedit.distributed.setup import shutdown
     from moedit.train.trainer import Trainer
 
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
-    summary = trainer.train()
+    trainer = Trainer(cfg, resume=args.resume or args.resume_or_start, progress=not args.no_progress,
+                      start_if_empty=args.resume_or_start)
+    summary = trainer.train()  # writes RUN/summary.json; every rank waits for rank 0's last file
     if trainer.dist.is_main:
-        (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"done: {summary['steps']} steps in {summary['train_wall_s']:.0f} s "
               f"({summary['img_per_s']:.0f} img/s); samples: {summary['final_grid']}; run: {trainer.run_dir}")
+    shutdown()  # after the barrier in train(): a clean end of the process group, no abort at exit
     return 0

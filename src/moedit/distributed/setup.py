@@ -85,6 +85,44 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return (t / dist.get_world_size()).item()
 
 
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_ranks_agree(ok: bool, device: torch.device) -> bool:
+    """True on every rank when `ok` is true on every rank (one MIN all-reduce; world size 1: `ok`)."""
+    if not _active():
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def gather_to_main(obj):
+    """Every rank's `obj` as a list in rank order on every rank (world size 1: `[obj]`). For small
+    picklable values such as RNG states; a collective: every rank must call it."""
+    if not _active():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def first_flagged_step(first_bad: torch.Tensor) -> int:
+    """The earliest step any rank flagged (−1 = none), from each rank's device scalar (−1 = none)."""
+    if not _active():
+        return int(first_bad)
+    never = torch.iinfo(torch.long).max
+    value = torch.where(first_bad < 0, torch.full_like(first_bad, never), first_bad).reshape(1).clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return -1 if int(value) == never else int(value)
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.destroy_process_group()

@@ -9,11 +9,17 @@
 Around it: warm-up, gradient accumulation, autocast (bf16 on CUDA, float32 on CPU), parameter storage
 (train.param_dtype; train/bf16.py) with the bf16 lost-update monitor (diagnostics/precision.py), DDP under
 torchrun, a progress bar, metrics.jsonl, periodic sample grids and atomic checkpoints with exact resume.
+
+The run directory is held with an exclusive lock (utils/lock.py) from before it is read until the last
+file is written, so a second writer is refused instead of mixing its files into this run's; under
+torchrun every rank's RNG state is checkpointed and restored by rank, and the run ends with a barrier
+(`moedit train` then shuts the process group down) so no rank exits before rank 0 has written its final files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -23,6 +29,7 @@ from tqdm import tqdm
 
 from moedit.config import Config, ConfigError, save_yaml, to_dict
 from moedit.data import build_dataset
+from moedit.distributed import setup as dist_setup
 from moedit.distributed.setup import all_reduce_sum, init_distributed, wrap_data_parallel
 from moedit.generate import save_class_grid
 from moedit.models import build_model
@@ -35,6 +42,8 @@ from moedit.train.bf16 import store_parameters
 from moedit.train.ema import EMA
 from moedit.train.metrics import MetricsWriter, routing_metrics
 from moedit.train.optim import build_optimizer, lr_at, set_lr
+from moedit.utils.files import PathError, atomic_write_text, describe_os_error, ensure_writable_dir
+from moedit.utils.lock import DirLock, LockedError
 
 
 class TrainingError(RuntimeError):
@@ -77,10 +86,17 @@ def check_data_fits_model(cfg: Config, dataset) -> None:
     if dataset.num_classes > m.num_classes:
         raise ConfigError(f"data {dataset.name} has {dataset.num_classes} classes but model.num_classes="
                           f"{m.num_classes}; set model.num_classes={dataset.num_classes}")
+    if len(dataset) < cfg.train.batch_size:
+        raise ConfigError(f"data {dataset.name} has {len(dataset)} images, fewer than train.batch_size="
+                          f"{cfg.train.batch_size}; lower train.batch_size or add data")
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
+    """`Trainer(cfg).train()`. `resume`: continue train.out_dir from its latest checkpoint (an error when
+    it has none, unless `start_if_empty`, which starts a fresh run there instead). Holds the run
+    directory's lock from construction until `train()` returns (or `close()`)."""
+
+    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True, start_if_empty: bool = False):
         self.cfg, self.progress = cfg, progress
         tc = cfg.train
         self.device = resolve_device(tc.device)
@@ -93,7 +109,36 @@ class Trainer:
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
         self.run_dir = Path(tc.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        latest = self._check_run_dir(resume)
+        self.lock = DirLock(self.run_dir, "moedit train", log=tqdm.write)
+        self._open_run_dir()  # writable, locked, swept: before any data is loaded
+        try:
+            self._build(resume, start_if_empty)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open_run_dir(self) -> None:
+        """Rank 0 checks that train.out_dir is writable, takes its lock and clears what a killed save left;
+        every rank learns whether that worked, so a refused start ends all ranks with the reason."""
+        error: Exception | None = None
+        if self.dist.is_main:
+            try:
+                ensure_writable_dir(self.run_dir, "train.out_dir")
+                self.lock.acquire()
+                for action in ckpt.sweep_partial(self.ckpt_root):
+                    tqdm.write(f"note: {self.ckpt_root}: {action}")
+            except LockedError as exc:
+                error = TrainingError(f"{exc} (the other process may be `moedit train --resume` of this run: "
+                                      "let it finish, or set train.out_dir to a new directory)")
+            except (PathError, OSError) as exc:
+                error = exc if isinstance(exc, PathError) else PathError(f"train.out_dir: {describe_os_error(exc)}")
+        if not dist_setup.all_ranks_agree(error is None, self.device):
+            self.lock.release()
+            raise error or TrainingError(f"rank 0 could not open {self.run_dir}; its message says why")
+
+    def _build(self, resume: bool, start_if_empty: bool) -> None:
+        cfg, tc = self.cfg, self.cfg.train
+        latest = self._check_run_dir(resume, start_if_empty)
         torch.manual_seed(cfg.seed + self.dist.rank)
         self.dataset = build_dataset(cfg.data)
         check_data_fits_model(cfg, self.dataset)
@@ -109,20 +154,24 @@ class Trainer:
         self._first_bad: torch.Tensor | None = None  # first step with a non-finite loss, kept on the device
         self.step_model = wrap_data_parallel(self.model, self.dist, self.device)
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, self.run_dir / "config.yaml")  # only now: the checkpoint and config fit
         self.metrics = MetricsWriter(self.run_dir, tc.tensorboard, enabled=self.dist.is_main, start_step=self.start_step)
         self.routing_monitor = build_monitor(  # RUN/routing/ (docs/DIAGNOSTICS.md); a no-op for dense models
             cfg, self.model, self.run_dir, self.start_step, is_main=self.dist.is_main,
             reduce_fn=all_reduce_sum if self.dist.enabled else None, log=tqdm.write)
 
-    def _check_run_dir(self, resume: bool) -> Path | None:
+    def _check_run_dir(self, resume: bool, start_if_empty: bool) -> Path | None:
         existing = ckpt.list_checkpoints(self.ckpt_root)
         if existing and not resume:
             raise TrainingError(
                 f"{self.run_dir} already holds a run (latest checkpoint {existing[-1].name}); pass --resume to "
                 "continue it, or set train.out_dir to a new directory. Nothing was changed."
             )
+        if resume and not existing and not start_if_empty:
+            raise TrainingError(
+                f"--resume: {self.run_dir} has no checkpoint to continue from (checkpoints/step_* is missing); "
+                "check train.out_dir, drop --resume to start a new run there, or pass --resume-or-start. "
+                "Nothing was changed.")
         return existing[-1] if existing else None
 
     def _load(self, path: Path) -> int:
@@ -130,14 +179,32 @@ class Trainer:
         ckpt.check_model_config(path, state, to_dict(self.cfg.model))
         ckpt.load_weights(self.model, path, "model.safetensors")
         ckpt.load_weights(self.ema.model, path, "ema.safetensors")
-        ckpt.load_trainer_state(path, self.optimizer, state)
-        self.ema.updates = state["ema_updates"]
+        inexact = ckpt.load_trainer_state(path, self.optimizer, state, self.dist.rank, self.dist.world)
+        if inexact is not None:  # other world size: a fresh stream per (seed, step, rank), never step 0's again
+            torch.manual_seed((self.cfg.seed * 1_000_003 + state["step"]) * 4099 + self.dist.rank)
+            if self.dist.is_main:
+                tqdm.write(f"note: resuming {path.name}: {inexact}")
+        self.ema.updates = state.get("ema_updates", 0)
         return state["step"]
 
     def save(self, step: int) -> None:
-        if self.dist.is_main:
+        """Every rank hands rank 0 its RNG state (exact resume by rank); rank 0 writes. A failed write (a
+        full disk) leaves no partial directory and stops the run with the reason: the earlier checkpoints
+        are intact."""
+        rng_by_rank = dist_setup.gather_to_main(ckpt.rng_state())
+        if not self.dist.is_main:
+            return
+        try:
             ckpt.save_checkpoint(self.ckpt_root, step, self.model, self.ema.model, self.optimizer,
-                                 to_dict(self.cfg.model), {"ema_updates": self.ema.updates}, self.cfg.train.keep_last)
+                                 to_dict(self.cfg.model), {"ema_updates": self.ema.updates}, self.cfg.train.keep_last,
+                                 rng_by_rank=rng_by_rank)
+        except OSError as exc:
+            raise TrainingError(f"checkpoint step {step} was not written: {describe_os_error(exc)}. "
+                                f"{self._intact_checkpoint()}; then run again with --resume") from exc
+
+    def _intact_checkpoint(self) -> str:
+        latest = ckpt.list_checkpoints(self.ckpt_root)
+        return f"the last checkpoint {latest[-1]} is intact" if latest else "no checkpoint was written"
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -180,7 +247,7 @@ class Trainer:
             with self._autocast():
                 loss, aux = self._loss_and_aux(x0_BCHW, y_B)
                 total = loss.float() + self.weighted_aux(aux)
-            self._note_finite(step, total.detach())
+            self._note_finite(step + 1, total.detach())  # 1-based, as in metrics.jsonl and checkpoint names
             (total / tc.grad_accum).backward()
             self.routing_monitor.observe_model(self.model)  # device-side counts only (docs/DIAGNOSTICS.md)
             for name, value in {"loss": loss, **{f"aux/{k}": v for k, v in aux.items()}}.items():
@@ -204,14 +271,15 @@ class Trainer:
 
     def check_finite(self) -> None:
         """Raise if a step since the start had a non-finite loss: before any log, sample or checkpoint, so
-        no non-finite weights are ever written (the weights in memory may already hold NaN)."""
-        if self._first_bad is None or int(self._first_bad) < 0:
+        no non-finite weights are ever written (the weights in memory may already hold NaN). Under torchrun
+        the ranks agree on the first bad step, so all of them stop at the same point with the same message."""
+        first_bad = -1 if self._first_bad is None else dist_setup.first_flagged_step(self._first_bad)
+        if first_bad < 0:
             return
-        latest = ckpt.list_checkpoints(self.ckpt_root)
-        where = f"the last checkpoint {latest[-1]} is intact" if latest else "no checkpoint was written"
         raise TrainingError(
-            f"loss became non-finite at step {int(self._first_bad)}; {where}. Lower train.lr "
-            f"(now {self.cfg.train.lr}), keep train.grad_clip set, or raise train.warmup_steps, then rerun."
+            f"loss became non-finite at step {first_bad}; {self._intact_checkpoint()}. Lower train.lr "
+            f"(now {self.cfg.train.lr}), keep train.grad_clip set, or raise train.warmup_steps, then start again "
+            "from that checkpoint with --resume (or a new train.out_dir)."
         )
 
     def write_samples(self, name: str) -> Path | None:
@@ -223,6 +291,17 @@ class Trainer:
         return path
 
     def train(self) -> dict:
+        """Train to train.steps, write the final checkpoint, grid and RUN/summary.json, release the run.
+        On an error the lock is released too (the checkpoints written so far stay as they are)."""
+        try:
+            summary = self._train()
+        except BaseException:
+            self.lock.release()
+            raise
+        self.close()
+        return summary
+
+    def _train(self) -> dict:
         tc = self.cfg.train
         self.model.train()
         bar = tqdm(range(self.start_step, tc.steps), initial=self.start_step, total=tc.steps, desc="train",
@@ -264,5 +343,15 @@ class Trainer:
             self.save(tc.steps)
         grid = self.write_samples("final")
         self.metrics.close()
-        return {"steps": tc.steps, "start_step": self.start_step, "train_wall_s": wall,
-                "img_per_s": seen / wall if wall > 0 else math.nan, "final_grid": str(grid) if grid else None}
+        summary = {"steps": tc.steps, "start_step": self.start_step, "train_wall_s": wall,
+                   "img_per_s": seen / wall if wall > 0 else math.nan, "final_grid": str(grid) if grid else None}
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        return summary
+
+    def close(self) -> None:
+        """End of the run: every rank waits at a barrier until rank 0 has written its last file (ranks that
+        exited early used to abort rank 0 in the middle of its final checkpoint), then the lock is
+        released. The process group is the process owner's to shut down (`moedit train` does, last)."""
+        dist_setup.barrier()
+        self.lock.release()

@@ -41,7 +41,7 @@ def train_segment(run: ZooRun, settings: ZooSettings, progress: bool) -> list[di
     done = ckpt.list_checkpoints(run.run_dir / "checkpoints")
     if done and int(done[-1].name.removeprefix("step_")) >= settings.steps:
         return segments
-    trainer = Trainer(run_config(run, settings), resume=True, progress=progress)
+    trainer = Trainer(run_config(run, settings), resume=True, progress=progress, start_if_empty=True)
     summary = trainer.train()
     segments.append({"start_step": summary["start_step"], "steps": summary["steps"],
                      "train_wall_s": summary["train_wall_s"], "img_per_s": summary["img_per_s"],
