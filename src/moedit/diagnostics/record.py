@@ -14,7 +14,9 @@ the record's steps, micro-batches and data-parallel ranks, so records add up and
 with one SUM; means are formed when read (`tokens`, `probes` are the denominators).
 
 Records are in step order; resuming at step s truncates both .bin files to the rows with step ≤ s
-and events.jsonl to the events detected at step ≤ s, then appends.
+and events.jsonl to the events detected at step ≤ s, then appends. Truncation is in place at a row
+or line boundary and the JSON files are replaced atomically, so a kill or a full disk at any moment
+leaves a record that resumes and reads (RecordWriter, RoutingRecord say what is tolerated).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from moedit.utils import jsonl
+from moedit.utils.files import atomic_write_text
 
 FORMAT = "moedit-routing"
 VERSION = 1
@@ -99,35 +104,85 @@ def _truncate_rows(path: Path, dtype: np.dtype, keep_through_step: int) -> None:
         os.truncate(path, keep * dtype.itemsize)  # also drops a partial row left by a crash
 
 
-def _truncate_events(path: Path, keep_through_step: int) -> None:
+def _load_json(path: Path) -> tuple[object, str | None]:
+    """(value, None), or (None, why it cannot be read): a kill during an older moedit's in-place write
+    could leave a file empty or cut short."""
+    try:
+        return json.loads(path.read_bytes()), None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        return None, ("it is empty" if path.stat().st_size == 0 else f"it is not valid JSON ({exc})")
+
+
+def _load_header(path: Path) -> tuple[dict | None, str | None]:
+    header, problem = _load_json(path)
+    if problem is None and not isinstance(header, dict):
+        return None, "it is not a JSON object"
+    return header, problem
+
+
+def _rows_fit(path: Path, dtype: np.dtype) -> bool:
+    """Could `path` have been written with rows of `dtype`? Whole rows only, steps in order (rows of another
+    layout read at this one's stride give misplaced, unordered steps)."""
     if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= keep_through_step]
-    path.write_text("".join(line + "\n" for line in kept))
+        return True
+    if path.stat().st_size % dtype.itemsize:
+        return False
+    steps = np.asarray(_read_rows(path, dtype)["step"])
+    return bool(np.all(steps >= 1) and np.all(np.diff(steps) >= 0))
+
+
+def _fits_header(directory: Path, header: dict) -> bool:
+    return (_rows_fit(directory / "records.bin", to_dtype(header["record_fields"]))
+            and _rows_fit(directory / "tokens.bin", to_dtype(header["token_fields"])))
+
+
+def _move_aside(directory: Path, start_step: int) -> Path:
+    aside = directory.with_name(f"routing.before_step_{start_step}")
+    while aside.exists():  # resumed at the same step before: keep every earlier record
+        aside = aside.with_name(aside.name + "_")
+    os.replace(directory, aside)
+    return aside
 
 
 class RecordWriter:
     """Appends records and token rows (rank 0 only). Opening continues a run's record: rows after
-    `start_step` are dropped (a resumed run repeats them); a record of another layout is moved aside."""
+    `start_step` are dropped (a resumed run repeats them); a record of another layout is moved aside.
+
+    Every change made on opening survives a kill at any moment: the .bin files and events.jsonl are cut in
+    place at a row or line boundary (which also drops a row or line torn by a crash), and header.json is
+    replaced atomically. The header is fully determined by the settings and the model, so an unreadable
+    one is rebuilt when the records fit it, and the directory is moved aside when they do not."""
 
     def __init__(self, directory: Path, header: dict, start_step: int, log=print):
         self.dir = Path(directory)
         self.record_dtype = to_dtype(header["record_fields"])
         self.token_dtype = to_dtype(header["token_fields"])
         header_path = self.dir / "header.json"
-        if header_path.exists() and json.loads(header_path.read_text()) != header:
-            aside = self.dir.with_name(f"routing.before_step_{start_step}")
-            while aside.exists():  # resumed at the same step before: keep every earlier record
-                aside = aside.with_name(aside.name + "_")
-            log(f"routing monitor: {self.dir} has another layout (diagnostics or model settings changed); "
-                f"moved it to {aside} and started a new record")
-            os.replace(self.dir, aside)
+        old = self._check_existing(header_path, header, start_step, log)
         self.dir.mkdir(parents=True, exist_ok=True)
-        header_path.write_text(json.dumps(header, indent=1))
+        if old != header:
+            atomic_write_text(header_path, json.dumps(header, indent=1))
         _truncate_rows(self.records_path, self.record_dtype, start_step)
         _truncate_rows(self.tokens_path, self.token_dtype, start_step)
-        _truncate_events(self.events_path, start_step)
+        jsonl.keep_through(self.events_path, start_step, log=lambda m: log(f"routing monitor: {m}"))
+
+    def _check_existing(self, header_path: Path, header: dict, start_step: int, log) -> dict | None:
+        """The header on disk once this returns (None: none), after moving aside a record of another layout."""
+        if not header_path.exists():
+            return None
+        old, problem = _load_header(header_path)
+        if problem is None and old == header:
+            return old
+        if problem is not None and _fits_header(self.dir, header):
+            log(f"routing monitor: {header_path} was unreadable ({problem}); rebuilt it from the current "
+                f"settings and kept the {len(self.existing_records())} records of {self.records_path}")
+            return None
+        reason = ("diagnostics or model settings changed" if problem is None else
+                  f"its header was unreadable ({problem}) and the records do not fit the current settings")
+        aside = _move_aside(self.dir, start_step)
+        log(f"routing monitor: {self.dir} has another layout ({reason}); moved it to {aside} and started a "
+            "new record")
+        return None
 
     @property
     def records_path(self) -> Path:
@@ -157,29 +212,55 @@ class RecordWriter:
                 f.writelines(json.dumps(e) + "\n" for e in events)
 
     def write_summary(self, summary: dict) -> None:
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=1))
 
 
 class RoutingRecord:
-    """A run's routing record, read back: header, records and tokens (memmaps), events, summary."""
+    """A run's routing record, read back: header, records and tokens (memmaps), events, summary.
+
+    What a kill can leave behind reads cleanly: a partial last row of a .bin file and a torn last line of
+    events.jsonl are ignored. A damaged events line elsewhere, or a damaged summary.json (it is rewritten at
+    the end of training), is skipped with a message in `notes`; a damaged header cannot be worked around
+    (it gives the records' layout) and raises DiagnosticsError saying how to rebuild it."""
 
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir) / "routing"
+        self.notes: list[str] = []  # damage that was skipped, for the report and the user
+        self.header = self._read_header(run_dir)
+        self.records = _read_rows(self.dir / "records.bin", to_dtype(self.header["record_fields"]))
+        self.tokens = _read_rows(self.dir / "tokens.bin", to_dtype(self.header["token_fields"]))
+        self.events = jsonl.read_rows(self.dir / "events.jsonl", log=self.notes.append)
+        self.summary = self._read_summary()
+
+    def _read_header(self, run_dir) -> dict:
         header_path = self.dir / "header.json"
         if not header_path.exists():
             raise DiagnosticsError(
                 f"{run_dir} has no routing record ({header_path} is missing). The monitor records MoE runs "
                 "trained with diagnostics.monitor=true (the default); train with it on, e.g. "
                 "`moedit train -c configs/quickstart.yaml --set diagnostics.monitor=true`.")
-        self.header = json.loads(header_path.read_text())
-        if self.header.get("format") != FORMAT or self.header.get("version") != VERSION:
+        header, problem = _load_header(header_path)
+        if problem is not None:
+            config = Path(run_dir) / "config.yaml"
+            raise DiagnosticsError(
+                f"{header_path} is damaged: {problem}. It holds the layout of the records, so they cannot be "
+                f"read without it. Rebuild it with `moedit train -c {config} --resume` (the same config the run "
+                "was trained with; it keeps the records when they fit and trains no steps if the run is "
+                "finished), then run `moedit diagnose` again.")
+        if header.get("format") != FORMAT or header.get("version") != VERSION:
             raise DiagnosticsError(f"{header_path} is not a {FORMAT} v{VERSION} header; this moedit cannot read it")
-        self.records = _read_rows(self.dir / "records.bin", to_dtype(self.header["record_fields"]))
-        self.tokens = _read_rows(self.dir / "tokens.bin", to_dtype(self.header["token_fields"]))
-        events_path, summary_path = self.dir / "events.jsonl", self.dir / "summary.json"
-        self.events = ([json.loads(line) for line in events_path.read_text().splitlines() if line.strip()]
-                       if events_path.exists() else [])
-        self.summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        return header
+
+    def _read_summary(self) -> dict | None:
+        path = self.dir / "summary.json"
+        if not path.exists():
+            return None
+        summary, problem = _load_json(path)
+        if problem is None and isinstance(summary, dict):
+            return summary
+        self.notes.append(f"{path} is damaged ({problem or 'it is not a JSON object'}); ignored it. It is "
+                          "rewritten at the end of training (`moedit train --resume` of the run does it).")
+        return None
 
     @property
     def blocks(self) -> list[int]:

@@ -15,6 +15,7 @@ so a bin's share is the share of everything routed in it.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +26,7 @@ import numpy as np  # noqa: E402
 
 from moedit.diagnostics import record as rec  # noqa: E402
 from moedit.diagnostics.detectors import THIRDS, depth_third, summary_lines  # noqa: E402
+from moedit.utils.files import atomic_write, atomic_write_text  # noqa: E402
 
 MAX_BINS = 400
 TAIL = 0.25  # per-timestep and per-class tables use the last quarter of the record
@@ -67,11 +69,16 @@ def _layer_title(y: int, blocks: list[int], depth: int) -> str:
     return f"MoE layer {y} (block {blocks[y]}, {depth_third(blocks[y], depth)})"
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def _savefig(fig, path: Path) -> Path:
+    """Written atomically: a kill mid-write leaves the previous figure, never a truncated PNG."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    return _savefig(fig, path)
 
 
 def plot_load_heatmaps(binned: dict, header: dict, path: Path) -> Path:
@@ -86,9 +93,7 @@ def plot_load_heatmaps(binned: dict, header: dict, path: Path) -> Path:
         ax.set(title=_layer_title(y, header["blocks"], header["depth"]), xlabel="step", ylabel="expert")
     fig.colorbar(im, ax=list(axes), label="share of assignments", shrink=0.9)
     fig.suptitle("Expert load over training (uniform = 1/E = %.3f)" % (1 / share_RYE.shape[2]))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _savefig(fig, path)
 
 
 def _colors(n: int):
@@ -154,9 +159,7 @@ def _share_heatmaps(load_YXE: np.ndarray, row_labels: list[str], header: dict, y
         ax.tick_params(axis="y", labelsize=7)
     fig.colorbar(im, ax=list(axes), label="share of the row's assignments", shrink=0.9)
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _savefig(fig, path)
 
 
 def plot_timestep_routing(window: dict, header: dict, steps: str, path: Path) -> Path:
@@ -269,9 +272,16 @@ FIGURE_NOTES = [
 ]
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Figures and report.md in out_dir (default RUN/diagnostics); returns the report's path."""
+def _warn(message: str) -> None:
+    print(f"moedit diagnose: warning: {message}", file=sys.stderr)
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, warn=_warn) -> Path:
+    """Figures and report.md in out_dir (default RUN/diagnostics); returns the report's path. Damage the
+    record could be read around (see RoutingRecord) is passed to `warn` and listed in the report."""
     record = rec.RoutingRecord(run_dir)
+    for note in record.notes:
+        warn(note)
     records, header = record.records, record.header
     if len(records) == 0:
         raise rec.DiagnosticsError(f"{record.dir} holds a header but no records yet: train at least "
@@ -290,9 +300,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     _share_heatmaps(window["load_YCE"][0], header["class_slots"], header, "class",
                     f"Expert share by class, steps {span}", out / "class_routing.png")
     plot_saturation(binned, header, thresholds, out / "saturation.png")
-    path = out / "report.md"
-    path.write_text("\n".join(_markdown(run_dir, record, window_records, span)) + "\n")
-    return path
+    return atomic_write_text(out / "report.md", "\n".join(_markdown(run_dir, record, window_records, span)) + "\n")
 
 
 def _default_thresholds() -> dict:
@@ -310,8 +318,9 @@ def _markdown(run_dir, record: rec.RoutingRecord, window_records: np.ndarray, sp
              f"experts, scores {sorted(set(h['score_kinds']))}; {len(records)} records "
              f"(steps {int(records['step'][0]) - int(records['steps'][0]) + 1}-{int(records['step'][-1])}, "
              f"{h['every']} step(s) each), {len(record.tokens)} sampled token decisions.", "", "## Findings", ""]
+    lines += [f"- Damaged and skipped: {note}" for note in record.notes] + ([""] if record.notes else [])
     if record.summary is None:
-        lines += ["The run has no routing/summary.json yet (still training, or stopped early): the events "
+        lines += ["The run has no readable routing/summary.json (still training, or stopped early): the events "
                   "below are those detected so far.", ""]
     else:
         lines += [f"- {line}" for line in summary_lines(record.summary)] + [""]

@@ -7,25 +7,26 @@ from pathlib import Path
 
 import torch
 
+from moedit.config import ConfigError
+from moedit.utils import jsonl
+from moedit.utils.files import PathError, describe_os_error, ensure_writable_dir
+
 
 class MetricsWriter:
     """Appends to RUN/metrics.jsonl. Opening at `start_step` (a resumed run) first drops the rows logged
-    after it: the resumed run logs those steps again, and a row logged twice would draw a curve twice."""
+    after it: the resumed run logs those steps again, and a row logged twice would draw a curve twice.
+    The file is cut in place, never rewritten, so a kill while opening cannot lose the history."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False, enabled: bool = True, start_step: int = 0):
+    def __init__(self, run_dir: Path, tensorboard: bool = False, enabled: bool = True, start_step: int = 0,
+                 log=print):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
+        writer_class = _summary_writer_class() if enabled and tensorboard else None  # before any file changes
         if enabled and self.path.exists():
-            _keep_through(self.path, start_step)
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise RuntimeError(
-                    "train.tensorboard=true needs the tensorboard package; run: pip install tensorboard"
-                ) from exc
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            jsonl.keep_through(self.path, start_step, log=log)  # in place, at a line boundary: kill-safe
+        if writer_class is not None:
+            self.tb = _open_summary_writer(writer_class, run_dir / "tensorboard")
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -41,16 +42,24 @@ class MetricsWriter:
             self.tb.close()
 
 
-def _keep_through(path: Path, step: int) -> None:
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-        if row.get("step", 0) <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ConfigError(
+            "train.tensorboard=true needs the tensorboard package; run: pip install tensorboard "
+            "(or set train.tensorboard=false)"
+        ) from exc
+    return SummaryWriter
+
+
+def _open_summary_writer(writer_class, log_dir: Path):
+    """The folder is checked first so an unwritable one is named with the fix, not a TensorBoard traceback."""
+    ensure_writable_dir(log_dir, "train.tensorboard")
+    try:
+        return writer_class(str(log_dir))
+    except OSError as exc:
+        raise PathError(f"train.tensorboard: {describe_os_error(exc)} (or set train.tensorboard=false)") from exc
 
 
 def routing_metrics(model: torch.nn.Module) -> dict[str, float]:
@@ -66,5 +75,6 @@ def routing_metrics(model: torch.nn.Module) -> dict[str, float]:
     return out
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: str | Path, log=None) -> list[dict]:
+    """The rows of metrics.jsonl; a line cut short by a crash is dropped (see moedit.utils.jsonl)."""
+    return jsonl.read_rows(path, log=log)
