@@ -67,9 +67,7 @@ def run(args) -> int:
     from moedit.moe.convert_keys import ConversionError
     from moedit.moe.convert_sources import load_source
 
-    out = Path(args.out)
-    if out.exists():
-        raise ConfigError(f"{out} already exists; conversion never overwrites: choose a new --out. Nothing was changed.")
+    out = _check_out(Path(args.out))
     source = load_source(args.source, args.raw, args.heads)
     cfg = output_config(source, args)
     print(f"source: {source.description}")
@@ -100,6 +98,17 @@ def run(args) -> int:
         print(f"note: {cfg.model.in_channels}-channel (latent) images: moedit's PNG grids and data loaders take 1 or 3 "
               "channels; sample with moedit.generate.generate and decode with your VAE (docs/CONVERT.md)")
     return 0
+
+
+def _check_out(out: Path) -> Path:
+    """--out is a new folder, built beside where it goes (write_run): its parent must take files, checked
+    before the source is read and converted."""
+    from moedit.utils.files import ensure_writable_dir
+
+    if out.exists():
+        raise ConfigError(f"{out} already exists; conversion never overwrites: choose a new --out. Nothing was changed.")
+    ensure_writable_dir(out.parent, f"--out {out}: its parent folder")
+    return out
 
 
 def _summary(dense, moe_cfg) -> str:

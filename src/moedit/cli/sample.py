@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from moedit.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 HELP = "sample from a trained run; writes a PNG grid (one row per class) and optionally an .npz"
@@ -31,6 +29,7 @@ def run(args) -> int:
     from moedit.objectives import build_objective
     from moedit.train import checkpoint as ckpt
     from moedit.train.trainer import autocast_dtype, resolve_device
+    from moedit.utils.npz import save_npz
 
     run_dir = Path(args.run)
     if not (run_dir / "config.yaml").is_file():
@@ -40,19 +39,36 @@ def run(args) -> int:
         raise ConfigError(f"moedit sample only takes sample.* (and train.device) overrides; got {not_sample}")
     cfg = from_dict(apply_overrides(load_yaml(run_dir / "config.yaml"), args.set))
     path = Path(args.checkpoint) if args.checkpoint else _latest(run_dir)
+    out = Path(args.out) if args.out else run_dir / "samples" / f"{path.name}_seed{cfg.sample.seed}.png"
+    npz = npz_path(args.npz) if args.npz else None
+    _check_outputs(out, npz)  # before the model is loaded and sampled: a bad path costs nothing
     state = ckpt.read_state(path)
     ckpt.check_model_config(path, state, to_dict(cfg.model))
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model).to(device)
     ckpt.load_weights(model, path, "model.safetensors" if args.raw else "ema.safetensors")
-    out = Path(args.out) if args.out else run_dir / "samples" / f"{path.name}_seed{cfg.sample.seed}.png"
     x_BCHW = save_class_grid(model, build_objective(cfg.objective), cfg.sample, cfg.model.num_classes, device, out,
                              amp_dtype=autocast_dtype(cfg.train.precision, device), progress=args.progress)
-    if args.npz:
+    if npz is not None:
         labels = torch.arange(cfg.model.num_classes).repeat_interleave(cfg.sample.per_class)
-        np.savez_compressed(args.npz, images=to_uint8(x_BCHW).numpy(), labels=labels.numpy())
-    print(f"wrote {out}" + (f" and {args.npz}" if args.npz else ""))
+        save_npz(npz, compressed=True, images=to_uint8(x_BCHW).numpy(), labels=labels.numpy())
+    print(f"wrote {out}" + (f" and {npz}" if npz is not None else ""))
     return 0
+
+
+def npz_path(name: str) -> Path:
+    """Where --npz NAME is written: NAME, with .npz appended when it lacks it (as numpy has always done),
+    so that the path printed is the file there is."""
+    path = Path(name)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def _check_outputs(out: Path, npz: Path | None) -> None:
+    from moedit.utils.files import ensure_writable_file
+
+    ensure_writable_file(out, "--out")
+    if npz is not None:
+        ensure_writable_file(npz, "--npz")
 
 
 def _latest(run_dir: Path) -> Path:

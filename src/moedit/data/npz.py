@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from moedit.data.base import DatasetError, ImageDataset, check_split, make_dataset
+from moedit.utils.npz import NPZ_READ_ERRORS
 
 SPLITS = ("train", "test")
 CHANNELS = (1, 3)
@@ -91,7 +92,7 @@ def _read_arrays(path: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.nda
             raw_names = z["class_names"] if "class_names" in z.files else None
     except DatasetError:
         raise
-    except (OSError, ValueError, EOFError) as exc:  # not a zip, damaged, or object arrays (pickle)
+    except NPZ_READ_ERRORS as exc:  # not a zip, damaged, or object arrays (pickle)
         raise DatasetError(
             f"cannot read {path} as an .npz of plain arrays: {exc}; re-save it with numpy.savez"
         ) from exc

@@ -33,8 +33,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -47,7 +48,8 @@ from moedit.data import ImageDataset, build_dataset, default_cache_dir
 from moedit.eval import features as fx
 from moedit.eval import metrics as mx
 from moedit.eval.sampling import EvalError, EvalSettings, check_balanced, sample_for_eval
-from moedit.utils.files import atomic_write, file_sha256
+from moedit.utils.files import atomic_write, describe_os_error, ensure_writable_dir, file_sha256
+from moedit.utils.npz import NPZ_READ_ERRORS, save_npz
 from moedit.utils.images import save_grid
 
 DEFAULT_METRICS = ("fd_lenet", "kid_lenet", "precision_recall_lenet", "class_accuracy")
@@ -146,6 +148,7 @@ class EvalContext:
     seed: int
     device: torch.device
     cache_dir: Path
+    log: Callable[[str], None] = field(default=lambda msg: print(f"note: {msg}", file=sys.stderr))
 
     @cached_property
     def reference(self) -> ImageDataset:
@@ -167,17 +170,33 @@ class EvalContext:
         key = (f"{self.data.name}_{self.data.split}_{hashlib.sha256(images.tobytes()).hexdigest()[:16]}"
                f"_lenet-{classifier_sha256(self.data.name)[:16]}.npz")
         path = self.cache_dir / "eval_reference" / key
-        if path.is_file():
-            with np.load(path, allow_pickle=False) as f:
-                return torch.from_numpy(f["feats"])
+        cached = read_reference_cache(path, len(images), self.log)
+        if cached is not None:
+            return cached
         feats_RD, _ = fx.extract(self.classifier, self.reference.images_NCHW)
-        atomic_write(path, lambda tmp: _save_npz(tmp, feats=feats_RD.numpy()))
+        try:
+            save_npz(path, feats=feats_RD.numpy())
+        except OSError as exc:  # an unwritable cache only costs time, never the evaluation
+            self.log(f"reference features not cached ({describe_os_error(exc)}); they are computed again next time")
         return feats_RD
 
 
-def _save_npz(tmp: str, **arrays: np.ndarray) -> None:
-    with open(tmp, "wb") as fh:  # a handle, so numpy does not append .npz to the temporary name
-        np.savez(fh, **arrays)
+def read_reference_cache(path: Path, n: int, log: Callable[[str], None]) -> torch.Tensor | None:
+    """φ_RD from the cache file, or None when there is none or it is damaged (truncated, overwritten, other
+    shape): then the features are computed again and the file replaced, with a note through `log`."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            feats_RD = f["feats"]
+    except NPZ_READ_ERRORS as exc:
+        log(f"reference feature cache {path} is damaged ({type(exc).__name__}: {exc}); computing the features again")
+        return None
+    if feats_RD.shape != (n, fx.FEATURE_DIM) or feats_RD.dtype != np.float32 or not np.isfinite(feats_RD).all():
+        log(f"reference feature cache {path} holds {feats_RD.dtype} {feats_RD.shape}, not float32 ({n}, "
+            f"{fx.FEATURE_DIM}) finite features; computing the features again")
+        return None
+    return torch.from_numpy(feats_RD)
 
 
 def classifier_sha256(dataset: str) -> str:
@@ -299,6 +318,7 @@ def evaluate_run(
     run = open_run(run_dir, checkpoint, overrides)
     with _intra_op_threads(run.cfg.train.threads):
         n = _balanced_n(n, fx.NUM_CLASSES, round_n, log)
+        _check_out_writable(run, out_dir)
         device = resolve_device(run.cfg.train.device)
         amp_dtype = autocast_dtype(run.cfg.train.precision, device)
         weights = "raw" if raw or not run.cfg.sample.use_ema else "ema"
@@ -311,12 +331,21 @@ def evaluate_run(
                                              device, amp_dtype, progress=progress, on_batch=on_batch, log=log)
         ctx = EvalContext(torch.from_numpy(images_N), torch.from_numpy(labels_N),
                           replace(run.cfg.data, split=split, image_size=None), seed, device,
-                          Path(cache_dir) if cache_dir is not None else default_cache_dir())
+                          Path(cache_dir) if cache_dir is not None else default_cache_dir(), log)
         record.update(n_reference=len(ctx.reference), metrics=_score(ctx, metrics, earlier.get("metrics", {})))
     per_class = min(run.cfg.sample.per_class, n // fx.NUM_CLASSES)
     save_grid(_grid_images(images_N, fx.NUM_CLASSES, per_class), out / GRID_NAME, nrow=per_class)
     atomic_write(out / EVAL_JSON, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
     return record
+
+
+def _check_out_writable(run: RunCheckpoint, out_dir: str | Path | None) -> None:
+    """The output folder (or RUN/eval, where the default one goes) must take files before the model is loaded
+    and sampled: a wrong --out costs nothing then."""
+    if out_dir is not None:
+        ensure_writable_dir(out_dir, "output folder (--out)")
+    else:
+        ensure_writable_dir(run.run_dir / "eval", "the run's eval folder (the default --out)")
 
 
 @contextlib.contextmanager

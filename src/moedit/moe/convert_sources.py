@@ -86,19 +86,48 @@ def _moedit_source(path: Path, raw: bool) -> DenseSource:
 def _read_state_file(path: Path, raw: bool) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, what it was): a plain state dict, or one set of weights of a training checkpoint."""
     if path.suffix == ".safetensors":
-        return load_file(str(path)), "state dict"
+        return _read_safetensors(path), "state dict"
     try:  # weights_only: a pickle is code; DiT's training checkpoints also hold an argparse Namespace
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise ConversionError(f"{path} cannot be read as a tensor-only checkpoint ({exc}); re-save its state dict "
-                              "alone, e.g. torch.save(ckpt['ema'], 'ema.pt')") from exc
+    except OSError:
+        raise  # unreadable file: the CLI names the path and the reason
+    except pickle.UnpicklingError as exc:  # a pickle holding more than tensors, or bytes that are no pickle
+        raise ConversionError(f"{path} cannot be read as a tensor-only checkpoint ({_torch_reason(exc)}): it is "
+                              "damaged, not a torch.save file, or holds objects besides tensors; re-save its state "
+                              "dict alone, e.g. torch.save(ckpt['ema'], 'ema.pt')") from exc
+    except Exception as exc:  # noqa: BLE001 (torch.load on foreign bytes raises KeyError, EOFError, RuntimeError...)
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({_torch_reason(exc)}): it is damaged "
+                              "or not a torch.save file; download or save it again") from exc
     what = "state dict"
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict) and isinstance(obj.get("model"), dict):
         obj, what = obj["model" if raw else "ema"], f"training checkpoint ({'raw' if raw else 'EMA'} weights)"
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConversionError(f"{path} does not hold a state dict (name -> tensor)")
+        raise ConversionError(f"{path} does not hold a state dict (name -> tensor) but a {type(obj).__name__}; pass a "
+                              "facebookresearch/DiT checkpoint or state dict, or a moedit run directory")
     return obj, what
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:  # random bytes, a text file renamed, a truncated download
+        raise ConversionError(f"{path} is not a readable .safetensors file ({exc}): it is damaged or not a "
+                              "safetensors file; download it again, or pass the .pt checkpoint") from exc
+
+
+def _torch_reason(exc: Exception) -> str:
+    """torch.load's reason in one line: its weights-only message spans many lines of advice that does not
+    apply here (moedit never loads pickled code); the line after "WeightsUnpickler error:" is the point."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return lines[i + 1].split(". ")[0]  # "Unsupported global: GLOBAL x.y was not an allowed global by default"
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _require(state: dict, key: str) -> torch.Tensor:
