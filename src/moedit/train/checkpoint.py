@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -93,7 +94,14 @@ def _write_tensors(tmp: Path, name: str, tensors: dict[str, torch.Tensor]) -> No
     if bad is not None:
         raise CheckpointError(f"refusing to write {name}: tensor {bad} holds NaN or inf (training diverged); "
                               "the checkpoints already written are kept")
-    save_file(tensors, str(tmp / name))
+    try:
+        save_file(tensors, str(tmp / name))
+    except SafetensorError as exc:  # the Rust writer reports I/O failures as "... (os error N)"
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(tmp / name)) from exc
 
 
 def _publish(tmp: Path, final: Path, files: dict[str, dict[str, torch.Tensor]], state: dict) -> None:
