@@ -22,7 +22,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
-        writer_class = _summary_writer_class() if enabled and tensorboard else None  # before any file changes
+        writer_class = summary_writer_class() if enabled and tensorboard else None  # before any file changes
         if enabled and self.path.exists():
             jsonl.keep_through(self.path, start_step, log=log)  # in place, at a line boundary: kill-safe
         if writer_class is not None:
@@ -42,7 +42,7 @@ class MetricsWriter:
             self.tb.close()
 
 
-def _summary_writer_class():
+def summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:

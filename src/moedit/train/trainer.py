@@ -40,7 +40,7 @@ from moedit.diagnostics.precision import PrecisionMonitor
 from moedit.train.batches import BatchStream
 from moedit.train.bf16 import store_parameters
 from moedit.train.ema import EMA
-from moedit.train.metrics import MetricsWriter, routing_metrics
+from moedit.train.metrics import MetricsWriter, routing_metrics, summary_writer_class
 from moedit.train.optim import build_optimizer, lr_at, set_lr
 from moedit.utils.files import PathError, atomic_write_text, describe_os_error, ensure_writable_dir
 from moedit.utils.lock import DirLock, LockedError
@@ -124,14 +124,18 @@ class Trainer:
         if self.dist.is_main:
             try:
                 ensure_writable_dir(self.run_dir, "train.out_dir")
+                if self.cfg.train.tensorboard:
+                    summary_writer_class()  # a missing package is said now, not after the data loaded
                 self.lock.acquire()
                 for action in ckpt.sweep_partial(self.ckpt_root):
                     tqdm.write(f"note: {self.ckpt_root}: {action}")
             except LockedError as exc:
                 error = TrainingError(f"{exc} (the other process may be `moedit train --resume` of this run: "
                                       "let it finish, or set train.out_dir to a new directory)")
-            except (PathError, OSError) as exc:
-                error = exc if isinstance(exc, PathError) else PathError(f"train.out_dir: {describe_os_error(exc)}")
+            except (PathError, ConfigError) as exc:
+                error = exc
+            except OSError as exc:
+                error = PathError(f"train.out_dir: {describe_os_error(exc)}")
         if not dist_setup.all_ranks_agree(error is None, self.device):
             self.lock.release()
             raise error or TrainingError(f"rank 0 could not open {self.run_dir}; its message says why")
