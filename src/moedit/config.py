@@ -29,8 +29,8 @@ class _Loader(yaml.SafeLoader):
     exponent (3.0e-4), so `lr: 3e-4` in a file was a string and got refused as "expected a number"."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
 
 
 def _yaml(text: str) -> Any:
@@ -556,7 +556,8 @@ def _validate_optimizer(t: TrainConfig) -> None:
     if len(t.betas) != 2:
         raise ConfigError("train.betas must be a list of two numbers, e.g. [0.9, 0.999]")
     for i, beta in enumerate(t.betas):
-        _need(0.0 <= beta < 1.0, f"train.betas[{i}]", beta, "must be in [0, 1) (Adam's moment decays), e.g. [0.9, 0.999]")
+        _need(0.0 <= beta < 1.0, f"train.betas[{i}]", beta,
+              "must be in [0, 1) (Adam's moment decays), e.g. [0.9, 0.999]")
     _at_least(t, "train", ("weight_decay",), 0, " (0 = none)")
     _need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", t.grad_clip,
           "must be positive (the largest gradient norm kept), or null for no clipping")

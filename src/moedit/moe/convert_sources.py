@@ -103,9 +103,16 @@ def _read_state_file(path: Path, raw: bool) -> tuple[dict[str, torch.Tensor], st
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict) and isinstance(obj.get("model"), dict):
         obj, what = obj["model" if raw else "ema"], f"training checkpoint ({'raw' if raw else 'EMA'} weights)"
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConversionError(f"{path} does not hold a state dict (name -> tensor) but a {type(obj).__name__}; pass a "
+        raise ConversionError(f"{path} does not hold a state dict (name -> tensor) but {_what_instead(obj)}; pass a "
                               "facebookresearch/DiT checkpoint or state dict, or a moedit run directory")
     return obj, what
+
+
+def _what_instead(obj: object) -> str:
+    if isinstance(obj, dict):
+        key, value = next((k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        return f"a dict whose {key!r} is a {type(value).__name__}, not a tensor"
+    return f"a {type(obj).__name__}"
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
