@@ -248,6 +248,7 @@ def no_model(monkeypatch):
 
 
 def test_the_table_is_large():
+    """A guard against rows lost in a merge, and against a duplicated row hiding a missing case."""
     assert len(BAD_INPUTS) >= 90 and len({row.argv for row in BAD_INPUTS}) == len(BAD_INPUTS)
 
 
