@@ -374,7 +374,10 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Written atomically: a kill while a resumed run rewrites its config.yaml must not empty it."""
+    from moedit.utils.files import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

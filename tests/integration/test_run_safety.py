@@ -296,3 +296,27 @@ def test_resume_needs_a_checkpoint_unless_resume_or_start(tmp_path, capsys):
     assert cli_main(["train", "-c", str(cfg), "--resume-or-start", "--no-progress"]) == 0
     assert step3(run).is_dir()
     shutil.rmtree(run)
+
+
+def test_a_kill_while_resume_rewrites_config_yaml_leaves_the_old_one(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(run)
+    before = (run / "config.yaml").read_text()
+    import moedit.utils.files as files
+
+    def killed(src, dst):  # the process dies after writing the new text, before it is published
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(from_dict(config(run, steps=6, lr=5e-4)), resume=True, progress=False)
+    monkeypatch.undo()
+    assert (run / "config.yaml").read_text() == before
+    assert not [p for p in run.iterdir() if p.name.startswith(".config.yaml")]
+    train(run, resume=True, steps=6)  # and the lock was released by the failed start
+
+
+def test_an_aux_weight_no_loss_uses_is_reported_once(tmp_path, capsys):
+    train(tmp_path / "run", aux_weights={"balanse": 0.1})
+    out = capsys.readouterr().out
+    assert out.count("train.aux_weights has ['balanse']") == 1 and "check the spelling" in out

@@ -56,6 +56,9 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of them or use train.device=cuda")
     return device
 
 
@@ -156,6 +159,7 @@ class Trainer:
         self.batches = BatchStream(self.dataset, tc.batch_size, cfg.seed, tc.grad_accum, self.dist.rank, self.dist.world)
         self.start_step = self._load(latest) if latest is not None else 0
         self._first_bad: torch.Tensor | None = None  # first step with a non-finite loss, kept on the device
+        self._aux_names_checked = False
         self.step_model = wrap_data_parallel(self.model, self.dist, self.device)
         if self.dist.is_main:
             save_yaml(cfg, self.run_dir / "config.yaml")  # only now: the checkpoint and config fit
@@ -223,9 +227,23 @@ class Trainer:
             raise ConfigError(f"the router emits auxiliary loss(es) {unweighted} with no weight; set "
                               + " ".join(f"train.aux_weights.{n}=<w>" for n in unweighted) + " (0 disables)")
         total = torch.zeros((), device=self.device)
+        if not self._aux_names_checked:
+            self._warn_unused_aux_weights(aux)
         for name, value in aux.items():
             total = total + weights[name] * value.float()
         return total
+
+    def _warn_unused_aux_weights(self, aux: dict) -> None:
+        """A weight under a name no loss has (a typo such as `balanse`) would silently do nothing: say so
+        once, at the first step. Built-in names stay quiet: they are filled in for every run."""
+        from moedit.config import DEFAULT_AUX_WEIGHTS
+
+        self._aux_names_checked = True
+        unused = sorted(set(self.cfg.train.aux_weights) - set(DEFAULT_AUX_WEIGHTS) - set(aux))
+        if unused and self.dist.is_main:
+            tqdm.write(f"warning: train.aux_weights has {unused}, but the model emits no loss of that name "
+                       f"(it emits {sorted(aux) or 'none'}; built-in names: {sorted(DEFAULT_AUX_WEIGHTS)}); "
+                       "check the spelling")
 
     def _loss_and_aux(self, x0_BCHW: torch.Tensor, y_B: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Diffusion loss and the unweighted aux losses, both from one (DDP-visible) forward."""

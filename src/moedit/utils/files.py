@@ -44,7 +44,7 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     try:
         if path.exists() and not path.is_dir():
-            raise PathError(f"{what}: {path} is a file, not a folder; choose a folder path")
+            raise PathError(f"{what}: {path} is a file where a folder is needed; choose another path")
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".moedit-write-check-", dir=path)
         os.close(fd)

@@ -59,7 +59,7 @@ def evaluate_curve(run: ZooRun, settings: ZooSettings, progress: bool) -> list[d
         if settings.threads:
             overrides.append(f"train.threads={settings.threads}")
         r = evaluate_run(run.run_dir, n=settings.eval_n, seed=settings.eval_seed, checkpoint=path,
-                         overrides=overrides, progress=progress)
+                         overrides=overrides, progress=progress, log=lambda msg: print(f"note: {msg}"))
         m = r["metrics"]
         points.append({"step": step, "fd_lenet": m["fd_lenet"], "kid": m["kid_lenet"]["mean"],
                        "kid_std": m["kid_lenet"]["std"], "precision": m["precision_recall_lenet"]["precision"],
