@@ -109,7 +109,7 @@ def campaign(args, root: Path) -> dict:
     for i in range(args.kills):
         delay = rng.uniform(args.min_delay, args.max_delay)
         code, out = kill_once(command(cfg_path), delay)
-        swept += out.count("removed the unfinished checkpoint") + out.count("restored step_")
+        swept += sum(out.count(s) for s in ("removed the unfinished checkpoint", "restored step_", "finished deleting"))
         cleared_locks += out.count("cleared a stale lock")
         latest = ckpt.list_checkpoints(run / "checkpoints")
         found = check_run(run)
@@ -137,7 +137,7 @@ def campaign(args, root: Path) -> dict:
         "partial_checkpoints_swept": swept, "stale_locks_cleared": cleared_locks,
         "final_matches_uninterrupted": not differ, "differing_tensors": differ[:10],
         "metrics_rows_once_each": steps == list(range(1, args.steps + 1)),
-        "delays_s": [args.min_delay, args.max_delay], "steps": args.steps, "log": kills,
+        "delays_s": [args.min_delay, args.max_delay], "steps": args.steps, "seed": args.seed, "log": kills,
     }
 
 
@@ -164,10 +164,11 @@ def torchrun_ends(root: Path, runs: int) -> dict:
 def markdown(r: dict, machine: str) -> str:
     return "\n".join([
         "# Kill -9 and resume", "",
-        f"`python benchmarks/kill_resume.py --kills {r['kills']} --steps {r['steps']}` on {machine}.", "",
+        f"`python benchmarks/kill_resume.py --kills {r['kills']} --steps {r['steps']} --seed {r['seed']}"
+        + (f" --torchrun-runs {r['torchrun_runs']}" if r.get("torchrun_runs") else "") + f"` on {machine}.", "",
         "| measure | value |", "|---|---|",
         f"| SIGKILLs at random moments ({r['delays_s'][0]}–{r['delays_s'][1]} s after start) | {r['kills']} |",
-        f"| of which landed while training (not after the run had ended) | {r['killed_runs']} |",
+        f"| of which killed the process (the others found it already exited) | {r['killed_runs']} |",
         f"| checkpoints, metrics or routing records lost or unreadable | {len(r['problems'])} |",
         f"| partial checkpoint directories cleared at the next start | {r['partial_checkpoints_swept']} |",
         f"| stale locks cleared at the next start | {r['stale_locks_cleared']} |",

@@ -138,6 +138,27 @@ def test_partial_checkpoints_of_a_killed_save_are_swept_and_an_interrupted_same_
     trainer.train()
 
 
+def test_a_kill_while_an_old_checkpoint_is_deleted_never_leaves_a_partial_step_directory(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(run, keep_last=1)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):  # one file gone, then the process dies
+        next(Path(path).glob("*.safetensors")).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, resume=True, steps=6, keep_last=1)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    for path in ckpt.list_checkpoints(run / "checkpoints"):  # found by the kill campaign: a step_* dir
+        ckpt.read_state(path)  # whose deletion was cut short passed for a checkpoint
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000006"]
+    trainer = Trainer(from_dict(config(run, steps=6, keep_last=1)), resume=True, progress=False)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000006"]  # swept
+    trainer.close()
+
+
 def test_a_failed_save_removes_its_partial_directory_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(run)

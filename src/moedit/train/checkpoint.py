@@ -119,7 +119,7 @@ def _publish(tmp: Path, final: Path, files: dict[str, dict[str, torch.Tensor]], 
             old = final.with_name(f".old-{final.name}-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, final)
     except BaseException:
@@ -152,8 +152,17 @@ def save_checkpoint(ckpt_root: Path, step: int, model, ema_model, optimizer, mod
              **(extra or {})}
     _publish(ckpt_root / f".tmp-{final.name}-{os.getpid()}", final, files, state)
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory so that a kill mid-way never leaves a `step_*` directory with some of
+    its files gone (it would pass for a checkpoint): renamed out of the `step_*` names first, in one step,
+    then deleted; `sweep_partial` finishes what a kill interrupted."""
+    doomed = path.with_name(f".del-{path.name.lstrip('.')}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_weights_checkpoint(ckpt_root: Path, step: int, model_tensors: dict[str, torch.Tensor],
@@ -175,8 +184,9 @@ def save_weights_checkpoint(ckpt_root: Path, step: int, model_tensors: dict[str,
 def sweep_partial(ckpt_root: Path) -> list[str]:
     """Clear what a killed or failed save left in `ckpt_root`; call it only while holding the run's lock
     (another live writer's temporary directory would look the same). A `.tmp-step_*` directory is an
-    unpublished write: removed. A `.old-step_*` directory is the previous copy of a step saved twice: if the
-    kill fell between its two renames, it is the only copy and is put back; otherwise it is removed.
+    unpublished write, a `.del-*` one a checkpoint whose deletion was interrupted: both removed. A
+    `.old-step_*` directory is the previous copy of a step saved twice: if the kill fell between its two
+    renames, it is the only copy and is put back; otherwise it is removed.
     Returns one line per action."""
     actions = []
     if not ckpt_root.is_dir():
@@ -187,6 +197,9 @@ def sweep_partial(ckpt_root: Path) -> list[str]:
         if path.name.startswith(".tmp-step_"):
             shutil.rmtree(path, ignore_errors=True)
             actions.append(f"removed the unfinished checkpoint {path.name}")
+        elif path.name.startswith(".del-"):
+            shutil.rmtree(path, ignore_errors=True)
+            actions.append(f"finished deleting the old checkpoint {path.name}")
         elif path.name.startswith(".old-step_"):
             final = ckpt_root / path.name[len(".old-"):].rsplit("-", 1)[0]
             if final.exists():
