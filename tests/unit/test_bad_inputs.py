@@ -190,7 +190,7 @@ BAD_INPUTS = [
     Row("sample --run {run} --set train.device=tpu", "train.device='tpu'"),
     Row("sample --run {run} --set sample.steps=[", "not valid YAML"),
     Row("eval {eval_run} --n 10 --out {PROC}", "output folder (--out): cannot write {PROC}"),
-    Row("eval {eval_run} --n 10 --out {file}", "{file} is a file, not a folder"),
+    Row("eval {eval_run} --n 10 --out {file}", "{file} is a file where a folder is needed"),
     Row("eval {eval_run} --n 10 --out {file}/sub", "cannot write {file}/sub"),
     Row("eval {blocked} --n 10", "{blocked}/eval is a file"),
     Row("eval {eval_run} --n 10 --set sample.cfg_scale=nan", "sample.cfg_scale=nan"),
