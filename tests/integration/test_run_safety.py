@@ -313,7 +313,7 @@ def test_resume_needs_a_checkpoint_unless_resume_or_start(tmp_path, capsys):
     assert cli_main(["train", "-c", str(cfg), "--resume", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "has no checkpoint to continue from" in err and "--resume-or-start" in err
-    assert not (run / "checkpoints").exists()
+    assert not run.exists()  # a refused start leaves no trace, not even the folder it made for its lock
     assert cli_main(["train", "-c", str(cfg), "--resume-or-start", "--no-progress"]) == 0
     assert step3(run).is_dir()
     shutil.rmtree(run)

@@ -43,7 +43,7 @@ from moedit.train.ema import EMA
 from moedit.train.metrics import MetricsWriter, routing_metrics, summary_writer_class
 from moedit.train.optim import build_optimizer, lr_at, set_lr
 from moedit.utils.files import PathError, atomic_write_text, describe_os_error, ensure_writable_dir
-from moedit.utils.lock import DirLock, LockedError
+from moedit.utils.lock import LOCK_NAME, DirLock, LockedError
 
 
 class TrainingError(RuntimeError):
@@ -113,12 +113,22 @@ class Trainer:
         self.run_dir = Path(tc.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.lock = DirLock(self.run_dir, "moedit train", log=tqdm.write)
+        self._created_run_dir = not self.run_dir.exists()
         self._open_run_dir()  # writable, locked, swept: before any data is loaded
         try:
             self._build(resume, start_if_empty)
         except BaseException:
-            self.lock.release()
+            self._abandon_start()
             raise
+
+    def _abandon_start(self) -> None:
+        """A start that failed leaves the directory as it found it: a folder this start created, holding
+        nothing but its lock file, is removed again (while still locked, so no other writer is in it)."""
+        if self._created_run_dir and self.lock.held and {p.name for p in self.run_dir.iterdir()} == {LOCK_NAME}:
+            (self.run_dir / LOCK_NAME).unlink()
+            self.lock.release()
+            self.run_dir.rmdir()
+        self.lock.release()
 
     def _open_run_dir(self) -> None:
         """Rank 0 checks that train.out_dir is writable, takes its lock and clears what a killed save left;
