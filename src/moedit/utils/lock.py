@@ -108,5 +108,5 @@ class DirLock:
     def __del__(self) -> None:  # an abandoned object (e.g. a Trainer never trained) frees its folder
         try:
             self.release()
-        except OSError:
+        except Exception:  # noqa: BLE001 - at interpreter exit the os module may already be gone
             pass
