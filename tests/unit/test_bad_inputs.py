@@ -288,7 +288,7 @@ def test_full_disk_while_writing_the_diagnostics(paths, tmp_path, capsys, monkey
 
 
 def test_full_disk_while_writing_a_conversion(paths, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("moedit.cli.convert.save_yaml", _disk_full)
+    monkeypatch.setattr("moedit.convert.workflow.save_yaml", _disk_full)
     out_dir = tmp_path / "moe"
     code, out, err = run_cli(["convert", paths["dense"], "--out", str(out_dir), "--set", MOE], capsys)
     assert_one_error_line(code, out, err, "convert", "the disk is full")

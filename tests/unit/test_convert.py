@@ -18,9 +18,9 @@ from moedit.cli.main import main as cli_main
 from moedit.config import ConfigError, apply_overrides, from_dict, load_yaml
 from moedit.models import build_model
 from moedit.models.embed import sincos_2d, timestep_features
-from moedit.moe.convert import build_dense, convert_dense, verify_conversion
-from moedit.moe.convert_keys import ConversionError
-from moedit.moe.convert_sources import dit_model_config, load_source
+from moedit.convert.dense import build_dense, convert_dense, verify_conversion
+from moedit.convert.keys import ConversionError
+from moedit.convert.sources import dit_model_config, load_source
 from moedit.train import checkpoint as ckpt
 from moedit.train.trainer import Trainer
 

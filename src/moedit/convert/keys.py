@@ -7,7 +7,7 @@ None means the key is checked, not stored (DiT's fixed `pos_embed`, a buffer moe
 
 Transforms (H dense hidden, S = H / H_e slices, E routed experts incl. ProMoE's unconditional one;
 expert e holds slice e mod S, scaled by S so that S slices of weight 1/S add up to the dense FFN,
-moe/convert_exact.py):
+convert/exact.py):
 
     copy           same tensor, same shape
     experts_in     fc1/gate/up weight (H, D)  -> (E, D, H_e)   transposed, sliced, replicated
@@ -201,6 +201,6 @@ def _raise_if_problems(unmapped: list[str], unexpected: list[str], mismatched: l
     lines = [f"{what} ({len(keys)}):\n    " + "\n    ".join(keys[:20]) + ("\n    …" if len(keys) > 20 else "")
              for keys, what in problems if keys]
     if lines:
-        raise ConversionError("the checkpoint does not fit the key map (moe/convert_keys.py):\n  " + "\n  ".join(lines)
+        raise ConversionError("the checkpoint does not fit the key map (convert/keys.py):\n  " + "\n  ".join(lines)
                               + "\nCheck that the source is a dense DiT (moedit or facebookresearch/DiT layout) and "
                                 "that model settings such as depth, width, heads and ffn match it.")

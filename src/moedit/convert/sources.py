@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from moedit.config import ConfigError, ModelConfig, from_dict, load_yaml
 from moedit.models.embed import sincos_2d
 from moedit.models.presets import MODEL_PRESETS
-from moedit.moe.convert_keys import ConversionError
+from moedit.convert.keys import ConversionError
 from moedit.train import checkpoint as ckpt
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")

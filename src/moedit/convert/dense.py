@@ -9,9 +9,9 @@
 3. Only routers (gates, prototypes, capacity predictors, target heads) start random, from `seed`.
 
 The conversion is a config transform (`moe_model_config`: the dense ModelConfig plus MoE settings;
-the architecture must not change) followed by the explicit key map of moe/convert_keys.py.
+the architecture must not change) followed by the explicit key map of convert/keys.py.
 `verify_conversion` runs both models on the same random inputs and reports the error next to
-whether it must be at float tolerance (moe/convert_exact.py says which configurations are exact).
+whether it must be at float tolerance (convert/exact.py says which configurations are exact).
 
     moe_model, moe_cfg = convert_dense(dense_model, dense_model.cfg, {"num_experts": 4, ...})
     report = verify_conversion(dense_model, moe_model)   # {"max_abs", "mean_abs", "exact_expected", "reason", ...}
@@ -26,8 +26,8 @@ from torch import nn
 
 from moedit.config import ConfigError, MoEConfig, ModelConfig, from_dict, to_dict
 from moedit.models.dit import DiT, moe_block_indices
-from moedit.moe.convert_exact import routing_exactness
-from moedit.moe.convert_keys import ConversionError, MapContext, map_state_dict
+from moedit.convert.exact import routing_exactness
+from moedit.convert.keys import ConversionError, MapContext, map_state_dict
 from moedit.moe.layer import expert_hidden
 from moedit.moe.routers import extra_experts
 
