@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from moedit.cli.main import main as cli_main
-from moedit.config import from_dict
+from moedit.config import ConfigError, from_dict
 from moedit.data import DatasetError, load_mnist
 from moedit.eval import EvalError, batch_seed, evaluate_run
 from moedit.train.trainer import Trainer
@@ -140,12 +140,12 @@ def test_a_different_evaluation_in_the_same_folder_is_refused(straight, run_dir,
 
 
 def test_user_errors_name_the_fix(run_dir, cache, tmp_path):
-    with pytest.raises(EvalError, match="not a moedit run directory"):
+    with pytest.raises(ConfigError, match="not a moedit run directory"):
         evaluate_run(tmp_path, n=N)
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(run_dir / "config.yaml", bare / "config.yaml")
-    with pytest.raises(EvalError, match="no checkpoints yet"):
+    with pytest.raises(ConfigError, match="no checkpoints yet"):
         evaluate_run(bare, n=N)
     synthetic = tmp_path / "synthetic"
     synthetic.mkdir()
@@ -162,7 +162,7 @@ def test_user_errors_name_the_fix(run_dir, cache, tmp_path):
         evaluate_run(run_dir, n=N, split="valid")
     with pytest.raises(EvalError, match="pass seed="):
         evaluate_run(run_dir, n=N, overrides=["sample.seed=3"])
-    with pytest.raises(EvalError, match="only takes sample"):
+    with pytest.raises(ConfigError, match="only takes sample"):
         evaluate_run(run_dir, n=N, overrides=["train.lr=1"])
     assert not (tmp_path / "x").exists()
 

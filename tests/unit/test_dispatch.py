@@ -14,7 +14,7 @@ from moedit.moe import glue_triton
 from moedit.moe.dispatch import BACKENDS, CPU_GROUPED_BELOW, dispatch, resolve_backend
 from moedit.moe.experts import StackedExperts
 from moedit.moe.routing import Routing
-from moedit.train.trainer import check_backend_runs
+from moedit.device import check_backend_runs
 
 dispatch_module = importlib.import_module("moedit.moe.dispatch")  # the module, not the function moedit.moe exports
 

@@ -54,7 +54,7 @@ def variants(num_experts: int = 8, fused: bool = False) -> list[ModelVariant]:
 
 def _fused_runs(device: str) -> bool:
     from moedit.moe.glue_triton import unavailable_reason
-    from moedit.train.trainer import resolve_device
+    from moedit.device import resolve_device
 
     return unavailable_reason(resolve_device(device)) is None
 
@@ -83,7 +83,7 @@ def build_trainer(variant: ModelVariant, spec: dict, device: str, out_dir: str) 
 def _run_variants(spec: dict, device: str, names: list[str] | None, measure, label: str, log) -> tuple[list[dict], dict]:
     """One row per variant: `measure(trainer)` gives its Timing. A variant that fails (out of memory, a
     kernel that does not build) gets a row saying why and the others still run."""
-    from moedit.train.trainer import resolve_device
+    from moedit.device import resolve_device
 
     rows, meta = [], describe_device(resolve_device(device))
     for variant in variants(fused=_fused_runs(device)):

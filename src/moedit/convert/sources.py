@@ -33,6 +33,7 @@ from moedit.config import ConfigError, ModelConfig, from_dict, load_yaml
 from moedit.models.embed import sincos_2d
 from moedit.models.presets import MODEL_PRESETS
 from moedit.convert.keys import ConversionError
+from moedit.runs import open_checkpoint
 from moedit.train import checkpoint as ckpt
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -65,20 +66,10 @@ def load_source(path: str | Path, raw: bool = False, heads: int | None = None) -
 
 
 def _moedit_source(path: Path, raw: bool) -> DenseSource:
-    if (path / "state.json").is_file():
-        ckpt_dir, run_dir = path, path.parent.parent
-    elif (path / "config.yaml").is_file():
-        found = ckpt.list_checkpoints(path / "checkpoints")
-        if not found:
-            raise ConfigError(f"{path} has no checkpoints yet; train it first (moedit train ...)")
-        ckpt_dir, run_dir = found[-1], path
-    else:
-        raise ConfigError(f"{path} is not a moedit run directory (no config.yaml) or checkpoint directory "
-                          "(no state.json)")
-    state = ckpt.read_state(ckpt_dir)
+    ckpt_dir, run_dir, state = open_checkpoint(path)
     model = from_dict({"model": state["model_config"]}).model
     name = "model.safetensors" if raw else "ema.safetensors"
-    run_config = load_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+    run_config = load_yaml(run_dir / "config.yaml") if run_dir is not None else {}
     description = f"moedit checkpoint {ckpt_dir} ({'raw' if raw else 'EMA'} weights)"
     return DenseSource(ckpt.load_tensors(ckpt_dir, name), model, run_config, description)
 

@@ -42,12 +42,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moedit import __version__
-from moedit.config import Config, DataConfig, SampleConfig, apply_overrides, from_dict, load_yaml, to_dict
+from moedit import __version__, runs
+from moedit.config import Config, DataConfig
 from moedit.data import ImageDataset, build_dataset, default_cache_dir
 from moedit.eval import features as fx
 from moedit.eval import metrics as mx
 from moedit.eval.sampling import EvalError, EvalSettings, check_balanced, sample_for_eval
+from moedit.runs import Run
 from moedit.utils.files import atomic_write, describe_os_error, ensure_writable_dir, file_sha256
 from moedit.utils.npz import NPZ_READ_ERRORS, save_npz
 from moedit.utils.images import save_grid
@@ -64,51 +65,16 @@ SCORING_KEYS = ("dataset", "split", "classifier_sha256")
 # ----------------------------------------------------------------------------- the run
 
 
-@dataclass
-class RunCheckpoint:
-    """A run directory opened for evaluation: its config (overrides applied) and one checkpoint."""
-
-    run_dir: Path
-    cfg: Config
-    run_sample: SampleConfig  # the run's own sample settings, before overrides (names the default folder)
-    path: Path
-    state: dict
-
-    @property
-    def step(self) -> int:
-        return int(self.state.get("step", self.path.name.removeprefix("step_")))
-
-
-def open_run(run_dir: str | Path, checkpoint: str | Path | None = None, overrides: Sequence[str] = ()) -> RunCheckpoint:
-    """Read RUN/config.yaml, apply sample.* / train.device / train.threads overrides, check the data can be scored, and
-    pick the checkpoint (the latest unless given) after validating its files against the model config."""
-    from moedit.train import checkpoint as ckpt
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise EvalError(f"{run_dir} is not a moedit run directory (no config.yaml); pass the train.out_dir of a run")
+def open_run(run_dir: str | Path, checkpoint: str | Path | None = None, overrides: Sequence[str] = ()) -> Run:
+    """The run at its latest (or the given) checkpoint with sample.* / train.device / train.threads overrides
+    (moedit.runs.open_run), checked to be data that can be scored."""
     _check_overrides(overrides)
-    raw_cfg = load_yaml(run_dir / "config.yaml")
-    cfg = from_dict(apply_overrides(raw_cfg, list(overrides)))
-    _check_scorable(cfg)
-    if checkpoint is None:
-        found = ckpt.list_checkpoints(run_dir / "checkpoints")
-        if not found:
-            raise EvalError(f"{run_dir} has no checkpoints yet; train it first (moedit train ...)")
-        path = found[-1]
-    else:
-        path = Path(checkpoint)
-        if not path.is_dir():
-            raise EvalError(f"checkpoint {path} is not a directory; pass a RUN/checkpoints/step_XXXXXXXX folder")
-    state = ckpt.read_state(path)
-    ckpt.check_model_config(path, state, to_dict(cfg.model))
-    return RunCheckpoint(run_dir, cfg, from_dict(raw_cfg).sample, path, state)
+    cfg, _ = runs.run_configs(run_dir, overrides, allowed=runs.EVAL_OVERRIDES, command="evaluation")
+    _check_scorable(cfg)  # before the checkpoint: data without a classifier is refused however far it trained
+    return runs.open_run(run_dir, checkpoint, overrides, allowed=runs.EVAL_OVERRIDES, command="evaluation")
 
 
 def _check_overrides(overrides: Sequence[str]) -> None:
-    wrong = [s for s in overrides if not s.startswith(("sample.", "train.device=", "train.threads="))]
-    if wrong:
-        raise EvalError(f"evaluation only takes sample.* (and train.device, train.threads) overrides; got {wrong}")
     if any(s.startswith("sample.seed=") for s in overrides):
         raise EvalError("sample.seed is the run's grid seed; the evaluation's seed is its own: pass seed= (--seed)")
 
@@ -124,15 +90,9 @@ def _check_scorable(cfg: Config) -> None:
                         f"model makes {m.in_channels}x{m.image_size}x{m.image_size} images of {m.num_classes} classes")
 
 
-def load_model(run: RunCheckpoint, weights: str, device: torch.device) -> tuple[torch.nn.Module, str]:
+def load_model(run: Run, weights: str, device: torch.device) -> tuple[torch.nn.Module, str]:
     """The run's model with `weights` ("ema" | "raw") loaded, and the sha256 of the file read."""
-    from moedit.models import build_model
-    from moedit.train import checkpoint as ckpt
-
-    name = "ema.safetensors" if weights == "ema" else "model.safetensors"
-    model = build_model(run.cfg.model).to(device)
-    ckpt.load_weights(model, run.path, name)
-    return model, file_sha256(run.path / name)
+    return run.load_model(weights, device), file_sha256(run.weights_file(weights))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -306,8 +266,8 @@ def evaluate_run(
     sampler settings other than the run's. n must be a multiple of the classes unless `round_n` rounds it
     up (and says so through `log`). `cache_dir` (default $MOEDIT_CACHE or ~/.cache/moedit) keeps the
     reference features; `on_batch(done, total)` runs after each sampled batch is cached."""
+    from moedit.device import autocast_dtype, resolve_device
     from moedit.objectives import build_objective
-    from moedit.train.trainer import autocast_dtype, resolve_device
 
     log = log or (lambda msg: None)
     check_metrics(metrics)
@@ -339,7 +299,7 @@ def evaluate_run(
     return record
 
 
-def _check_out_writable(run: RunCheckpoint, out_dir: str | Path | None) -> None:
+def _check_out_writable(run: Run, out_dir: str | Path | None) -> None:
     """The output folder (or RUN/eval, where the default one goes) must take files before the model is loaded
     and sampled: a wrong --out costs nothing then."""
     if out_dir is not None:
@@ -380,7 +340,7 @@ def _score(ctx: EvalContext, metrics: Sequence[str], earlier: dict) -> dict:
     return scores
 
 
-def _settings(run: RunCheckpoint, n: int, seed: int, batch_size: int, weights: str, weights_sha: str,
+def _settings(run: Run, n: int, seed: int, batch_size: int, weights: str, weights_sha: str,
               device: torch.device, amp_dtype: torch.dtype | None) -> EvalSettings:
     s = run.cfg.sample
     return EvalSettings(n=n, num_classes=fx.NUM_CLASSES, seed=seed, batch_size=batch_size, sampler=s.sampler,
@@ -398,12 +358,12 @@ def _balanced_n(n: int, num_classes: int, round_n: bool, log: Callable[[str], No
     return n
 
 
-def default_out_dir(run: RunCheckpoint, settings: EvalSettings) -> Path:
+def default_out_dir(run: Run, settings: EvalSettings) -> Path:
     """RUN/eval/step_XXXXXXXX_n{N}_seed{S}, plus _raw, plus the sampler settings when they are not the run's."""
     name = f"step_{settings.checkpoint_step:08d}_n{settings.n}_seed{settings.seed}"
     if settings.weights == "raw":
         name += "_raw"
-    r = run.run_sample
+    r = run.trained_cfg.sample
     if (settings.sampler, settings.steps, settings.cfg_scale, settings.cfg_interval) != (
             r.sampler, r.steps, r.cfg_scale, r.cfg_interval):
         name += f"_{settings.sampler}{settings.steps}_cfg{settings.cfg_scale:g}"
@@ -412,7 +372,7 @@ def default_out_dir(run: RunCheckpoint, settings: EvalSettings) -> Path:
     return run.run_dir / "eval" / name
 
 
-def _describe(run: RunCheckpoint, settings: EvalSettings, split: str, device: torch.device) -> dict:
+def _describe(run: Run, settings: EvalSettings, split: str, device: torch.device) -> dict:
     """Every field of eval.json except the numbers: what was sampled, from what, scored against what."""
     dataset = run.cfg.data.name
     return {

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from moedit.config import Config, ConfigError, save_yaml, to_dict
 from moedit.data import build_dataset
+from moedit.device import autocast_dtype, check_backend_runs, resolve_device
 from moedit.distributed import setup as dist_setup
 from moedit.distributed.setup import all_reduce_sum, init_distributed, wrap_data_parallel
 from moedit.generate import save_class_grid
@@ -48,34 +49,6 @@ from moedit.utils.lock import LOCK_NAME, DirLock, LockedError
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=auto or cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s), "
-                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of them or use train.device=cuda")
-    return device
-
-
-def check_backend_runs(cfg: Config, device: torch.device) -> None:
-    """The fused MoE backend needs Triton and CUDA: say so before the run directory is touched."""
-    moe = cfg.model.moe
-    if moe is not None and moe.backend == "fused":
-        from moedit.moe.glue_triton import unavailable_reason
-
-        if (reason := unavailable_reason(device)) is not None:
-            raise ConfigError(f"model.moe.backend=fused: {reason}")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def check_data_fits_model(cfg: Config, dataset) -> None:
