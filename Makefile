@@ -35,7 +35,7 @@ bench: env
 # Dense quickstart -> MoE with linear / MLP / cross-attention gates, fine-tuned and diagnosed
 # (docs/CONVERSION_STUDY.md; ~30 min on a 2-core CPU; rerunning continues where it stopped).
 conversion-study: env
-	$(PY) benchmarks/conversion_study.py
+	$(PY) studies/conversion_study.py
 
 # The router zoo of docs/RESULTS.md: 13 entries x 2 seeds per dataset, one process per dataset with one
 # thread each (run both at once on a 2-core CPU). MNIST's thin strokes need more steps than

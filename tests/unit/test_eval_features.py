@@ -109,7 +109,7 @@ def test_missing_weights_name_the_training_script(tmp_path):
             call("fashion_mnist", folder=tmp_path)
         message = str(err.value)
         assert "fashion_mnist" in message and str(tmp_path) in message
-        assert "python benchmarks/train_feature_classifier.py --dataset fashion_mnist" in message
+        assert "python scripts/train_feature_classifier.py --dataset fashion_mnist" in message
 
 
 def test_damaged_or_foreign_weights_are_refused(tmp_path):

@@ -1,6 +1,6 @@
 """Kill -9 at random moments, resume, and count what was lost: the reliability figures of docs/RELIABILITY.md.
 
-    python benchmarks/kill_resume.py [--kills 30] [--steps 400] [--seed 0] [--out benchmarks/results/kill_resume]
+    python studies/kill_resume.py [--kills 30] [--steps 400] [--seed 0] [--out studies/results/kill_resume]
 
 One run directory is trained by `moedit train --resume-or-start` (a micro MoE-DiT on synthetic data, a
 checkpoint and a log row every step, so that most kills land inside a checkpoint write, a metrics append
@@ -164,7 +164,7 @@ def torchrun_ends(root: Path, runs: int) -> dict:
 def markdown(r: dict, machine: str) -> str:
     return "\n".join([
         "# Kill -9 and resume", "",
-        f"`python benchmarks/kill_resume.py --kills {r['kills']} --steps {r['steps']} --seed {r['seed']}"
+        f"`python studies/kill_resume.py --kills {r['kills']} --steps {r['steps']} --seed {r['seed']}"
         + (f" --torchrun-runs {r['torchrun_runs']}" if r.get("torchrun_runs") else "") + f"` on {machine}.", "",
         "| measure | value |", "|---|---|",
         f"| SIGKILLs at random moments ({r['delays_s'][0]}–{r['delays_s'][1]} s after start) | {r['kills']} |",
@@ -187,7 +187,7 @@ def main() -> int:
     p.add_argument("--min-delay", type=float, default=1.0, help="seconds after start (imports take about 1 s)")
     p.add_argument("--max-delay", type=float, default=6.0)
     p.add_argument("--torchrun-runs", type=int, default=0, help="then N 2-process runs to the end (clean exits)")
-    p.add_argument("--out", default="benchmarks/results/kill_resume")
+    p.add_argument("--out", default="studies/results/kill_resume")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         r = campaign(args, Path(tmp)) if args.kills else {"kills": 0, "problems": [], "final_matches_uninterrupted": True}

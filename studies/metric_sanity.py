@@ -1,7 +1,7 @@
 """What each evaluation metric reads for real images: the floor and the ceiling that moedit's sample
 scores sit between (docs/EVAL_SANITY.md).
 
-    PYTHONPATH=src python benchmarks/metric_sanity.py               # both datasets, N = 300, 1000, 10000
+    PYTHONPATH=src python studies/metric_sanity.py               # both datasets, N = 300, 1000, 10000
 
 For each dataset (its own LeNet classifier, its test split as the reference, exactly as `moedit eval`
 scores samples: moedit.eval.score_images) and each N, four sets of N images stand in for samples:
@@ -9,7 +9,7 @@ scores samples: moedit.eval.score_images) and each N, four sets of N images stan
 - other dataset: N test images of the other dataset (MNIST for Fashion-MNIST and back), labels i mod 10;
 - uniform noise: N images of independent uniform uint8 pixels, labels i mod 10;
 - test split itself, N = 10000 only: the identical set (FD, KID ≈ 0; P/R = 1).
-Writes benchmarks/results/metric_sanity.{json,md}.
+Writes studies/results/metric_sanity.{json,md}.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, nargs="+", default=[300, 1000, 10000])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "metric_sanity"))
+    p.add_argument("--out", default=str(ROOT / "studies" / "results" / "metric_sanity"))
     args = p.parse_args()
     t0, rows = time.perf_counter(), []
     for dataset in DATASETS:
@@ -80,7 +80,7 @@ def main() -> None:
                 print(rows[-1])
     meta = {"device": f"{platform.machine()} CPU", "torch": torch.__version__, "python": platform.python_version(),
             "seconds": round(time.perf_counter() - t0, 1),
-            "command": "PYTHONPATH=src python benchmarks/metric_sanity.py" + (f" --n {' '.join(map(str, args.n))}"
+            "command": "PYTHONPATH=src python studies/metric_sanity.py" + (f" --n {' '.join(map(str, args.n))}"
                                                                              if args.n != [300, 1000, 10000] else "")}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     Path(args.out + ".md").write_text(markdown(rows, meta))

@@ -1,9 +1,9 @@
 """The conversion study of arXiv 2605.19378 at quickstart scale: train the dense quickstart, convert it to a
 token-choice MoE with a linear, an MLP and a cross-attention gate, fine-tune each, and diagnose the routing.
 
-    PYTHONPATH=src python benchmarks/conversion_study.py            # or: make conversion-study
-    PYTHONPATH=src python benchmarks/conversion_study.py --gates linear --finetune-steps 300
-    PYTHONPATH=src python benchmarks/conversion_study.py --variant nobalance --set train.aux_weights.balance=0
+    PYTHONPATH=src python studies/conversion_study.py            # or: make conversion-study
+    PYTHONPATH=src python studies/conversion_study.py --gates linear --finetune-steps 300
+    PYTHONPATH=src python studies/conversion_study.py --variant nobalance --set train.aux_weights.balance=0
 
 Every stage is the user-facing command line, printed before it runs (docs/CONVERSION_STUDY.md):
   1. moedit train -c configs/dense_quickstart.yaml                            (dense source, 1,500 steps)
@@ -13,9 +13,9 @@ Every stage is the user-facing command line, printed before it runs (docs/CONVER
   4. moedit diagnose RUN_ROOT/<gate>                                          (report.md + figures)
 A stage whose output exists is not run again, so an interrupted study continues where it stopped.
 Then, per run: the verification error, held-out loss of the EMA weights on 1,000 MNIST test images (same t
-and noise for every model; benchmarks/compare_routers.py's protocol), and from the routing record
+and noise for every model; studies/compare_routers.py's protocol), and from the routing record
 the last quarter's per-layer top-1 share, score entropy and expert-output cosine, plus the detector
-events. Writes benchmarks/results/conversion_study.{json,md}.
+events. Writes studies/results/conversion_study.{json,md}.
 """
 
 from __future__ import annotations
@@ -30,12 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moedit.config import load_config
 from moedit.diagnostics import record as rec
 from moedit.diagnostics.report import tail
-from moedit.models import build_model
 from moedit.objectives import build_objective
-from moedit.train import checkpoint as ckpt
+from moedit.runs import open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,11 +54,10 @@ def trained(run_dir: Path) -> bool:
 
 def evaluate(run_dir: Path) -> dict:
     """Held-out loss (and eval routing) of the run's latest EMA weights."""
-    cfg = load_config(run_dir / "config.yaml")
-    model = build_model(cfg.model)
-    ckpt.load_weights(model, ckpt.list_checkpoints(run_dir / "checkpoints")[-1], "ema.safetensors")
+    run = open_run(run_dir)
+    model = run.load_model("ema")
     torch.manual_seed(0)
-    return held_out(model, build_objective(cfg.objective), cfg)
+    return held_out(model, build_objective(run.cfg.objective), run.cfg)
 
 
 def routing_tail(run_dir: Path) -> dict:
@@ -137,7 +134,7 @@ def main() -> int:
                    help="extra overrides given to every `moedit convert` (e.g. train.aux_weights.balance=0)")
     p.add_argument("--variant", default="", help="name of this variant: runs go to RUN_ROOT/<gate>_<variant>, "
                    "results to conversion_study_<variant>.{json,md}")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "conversion_study"))
+    p.add_argument("--out", default=str(ROOT / "studies" / "results" / "conversion_study"))
     args = p.parse_args()
 
     dense, run_root = Path(args.dense), Path(args.run_root)
@@ -147,7 +144,7 @@ def main() -> int:
         moedit("train", "-c", "configs/dense_quickstart.yaml", "--set", f"train.out_dir={dense}")
     dense_eval = evaluate(ROOT / dense)
     result = {
-        "command": "python benchmarks/conversion_study.py " + " ".join(sys.argv[1:]),
+        "command": "python studies/conversion_study.py " + " ".join(sys.argv[1:]),
         "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                   f"Python {platform.python_version()}",
         "dense": {"run": str(dense), "held_out_loss": dense_eval["held_out_loss"]},

@@ -1,8 +1,8 @@
 """The bf16 trap on the quickstart model: pure bf16 weight storage loses router updates; each remedy
 restores them (ROUTERS.md §7, docs/PRECISION.md).
 
-    PYTHONPATH=src python benchmarks/bf16_trap.py                      # 200 steps, lr 2e-3 and 1e-4
-    PYTHONPATH=src python benchmarks/bf16_trap.py --steps 100 --lrs 2e-3
+    PYTHONPATH=src python studies/bf16_trap.py                      # 200 steps, lr 2e-3 and 1e-4
+    PYTHONPATH=src python studies/bf16_trap.py --steps 100 --lrs 2e-3
 
 configs/quickstart.yaml (topk, 8 experts + 1 shared, 1.9M parameters, MNIST) trained under bf16
 autocast (train.precision=bf16, also on CPU) for the same steps and seed, with a 20-step warm-up
@@ -18,7 +18,7 @@ stored weights realised (update_kept) and what bf16 round-to-nearest would lose 
 drift ‖w − w0‖ of each group from its (stored) initial value; the train loss over the last 50 steps
 and the held-out loss of the trained (non-EMA) weights on 1,000 MNIST test images (fixed t and noise).
 Writes RUN_ROOT/lr<lr>/<variant>/ (normal run directories, each with its bf16_trap_result.json: rerunning
-the script reuses finished runs) and benchmarks/results/bf16_trap.{json,md}.
+the script reuses finished runs) and studies/results/bf16_trap.{json,md}.
 """
 
 from __future__ import annotations
@@ -138,11 +138,11 @@ def main() -> None:
     p.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 1e-4])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--run-root", default="runs/bf16_trap")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bf16_trap"))
+    p.add_argument("--out", default=str(ROOT / "studies" / "results" / "bf16_trap"))
     args = p.parse_args()
     meta = {"device": f"{platform.machine()} CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "command": "PYTHONPATH=src python benchmarks/bf16_trap.py " + " ".join(sys.argv[1:])}
+            "command": "PYTHONPATH=src python studies/bf16_trap.py " + " ".join(sys.argv[1:])}
     results = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for lr in args.lrs:

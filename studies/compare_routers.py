@@ -1,7 +1,7 @@
 """Train the quickstart once per router for the same steps and tabulate what each run measured.
 
-    PYTHONPATH=src python benchmarks/compare_routers.py                 # all router configs, 1500 steps
-    PYTHONPATH=src python benchmarks/compare_routers.py --steps 300 --configs configs/router_race.yaml
+    PYTHONPATH=src python studies/compare_routers.py                 # all router configs, 1500 steps
+    PYTHONPATH=src python studies/compare_routers.py --steps 300 --configs configs/router_race.yaml
 
 Each config (configs/quickstart.yaml = topk, configs/router_*.yaml, configs/deepseek_style.yaml) differs
 from the quickstart only in its routing (tests/unit/test_shipped_configs.py checks it). Per run:
@@ -13,7 +13,7 @@ from the quickstart only in its routing (tests/unit/test_shipped_configs.py chec
   topk and ProMoE, free for the others) and each expert's share of the assignments, averaged over
   MoE layers (min and max over experts; 1/E each when balanced).
 Writes RUN_ROOT/<name>/ (each a normal run directory with its sample grid) and
-benchmarks/results/compare_routers.{json,md}. Existing run directories are refused, not overwritten.
+studies/results/compare_routers.{json,md}. Existing run directories are refused, not overwritten.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, help="config names in configs/ (no .yaml)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--run-root", default="runs/compare_routers")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare_routers"))
+    p.add_argument("--out", default=str(ROOT / "studies" / "results" / "compare_routers"))
     args = p.parse_args()
     meta = {"device": f"{platform.machine()} CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}

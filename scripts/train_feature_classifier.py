@@ -1,7 +1,7 @@
 """Train the domain classifier behind FD-LeNet / KID / precision-recall / class accuracy (docs EVAL.md).
 
-    python benchmarks/train_feature_classifier.py --dataset mnist
-    python benchmarks/train_feature_classifier.py --dataset fashion_mnist
+    python scripts/train_feature_classifier.py --dataset mnist
+    python scripts/train_feature_classifier.py --dataset fashion_mnist
 
 Trains `moedit.eval.features.LeNetClassifier` on the dataset's train split (60k) and writes, into
 --out (default: the package's `src/moedit/eval/weights/`, the files `load_feature_classifier` reads):
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         "augmentation": f"random shift in [-{args.max_shift}, {args.max_shift}] px" if args.max_shift else "none",
         "train_size": len(train_ds), "threads": args.threads, "train_seconds": round(train_seconds, 1),
         "fd_lenet_orientation": fd_orientation(model, args.dataset, train_ds, test_ds),
-        "command": shlex.join(["python", "benchmarks/train_feature_classifier.py", *(argv or sys.argv[1:])]),
+        "command": shlex.join(["python", "scripts/train_feature_classifier.py", *(argv or sys.argv[1:])]),
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
     }
     weights_path, record_path = write_outputs(model, args, record)
