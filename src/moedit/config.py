@@ -156,13 +156,18 @@ class DataConfig:
     image_size: int | None = None  # resize (folder data); None = native size
 
 
-# The papers' weights (ROUTERS.md §5): Switch balance 0.01 (DiT-MoE's released code; its paper's text
-# says 0.005, docs/PRESETS.md), z-loss off, DiffMoE's capacity
-# BCE 1, ProMoE's routing contrastive loss 1; Race-DiT's similarity and per-layer regularisation
-# weights are not published: [choice] 0.01 (like the balance loss it replaces) and 0.1.
-DEFAULT_AUX_WEIGHTS: dict[str, float] = {
-    "balance": 0.01, "z": 0.0, "capacity": 1.0, "similarity": 0.01, "plr": 0.1, "contrastive": 1.0,
-}
+def default_aux_weights() -> dict[str, float]:
+    """The default weight of every auxiliary loss a registered router emits (each router states its own:
+    `AUX_LOSSES` in its file; the papers' weights, or a marked choice where a paper gives none)."""
+    from moedit.moe.routers import default_aux_weights as from_registry  # late: the routers import this module
+
+    return from_registry()
+
+
+def __getattr__(name: str) -> Any:  # `DEFAULT_AUX_WEIGHTS`, read from the router registry when first asked
+    if name == "DEFAULT_AUX_WEIGHTS":
+        return default_aux_weights()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(kw_only=True)
@@ -194,11 +199,11 @@ class TrainConfig:
     keep_last: int = 3
     tensorboard: bool = False
     # weight of every auxiliary loss the routers emit, summed in one place by the trainer; names
-    # not given keep DEFAULT_AUX_WEIGHTS (filled in, so the run's config.yaml lists every weight)
+    # not given keep default_aux_weights() (filled in, so the run's config.yaml lists every weight)
     aux_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.aux_weights = {**DEFAULT_AUX_WEIGHTS, **self.aux_weights}
+        self.aux_weights = {**default_aux_weights(), **self.aux_weights}
 
 
 @dataclass(kw_only=True)

@@ -31,17 +31,32 @@ class ModelVariant:
     moe: dict | None  # model.moe section; None = dense
 
 
+# Each registered router is benchmarked at 2 experts per token (capacity routers: capacity 2; fields a router
+# does not use are ignored), except where its paper's setting differs: ProMoE routes top-1. Expert width is
+# chosen so that a token's routed experts hold the dense FFN's 4D hidden units (equal activation).
+ROUTER_SETTINGS = {"promoe": {"top_k": 1}}
+
+
+def router_variant(name: str, num_experts: int) -> ModelVariant:
+    from moedit.config import RouterConfig
+    from moedit.moe.routers import router_class
+
+    router = {"name": name, "top_k": 2, "capacity": 2.0, **ROUTER_SETTINGS.get(name, {})}
+    k = router_class(name).experts_per_token(RouterConfig(**router))
+    ratio = 4.0 / k
+    width = "" if ratio == 2.0 else f" {ratio:g}D"
+    return ModelVariant(f"{name} E{num_experts} top-{k:g}{width} (grouped)",
+                        {"num_experts": num_experts, "expert_ratio": ratio, "router": router})
+
+
 def variants(num_experts: int = 8, fused: bool = False) -> list[ModelVariant]:
-    """Dense, each router on the grouped backend, token choice on the loop backend and with column-major
-    experts; with `fused` (where its Triton kernels run) token choice and race on the fused backend."""
+    """Dense, every registered router on the grouped backend, token choice on the loop backend and with
+    column-major experts; with `fused` (where its Triton kernels run) token choice and race on the fused backend."""
+    from moedit.moe.routers import ROUTERS
+
     coarse = {"num_experts": num_experts, "expert_ratio": 2.0}
     out = [ModelVariant("dense (FFN 4D)", None)]
-    for router, extra in (("topk", {}), ("expert_choice", {"capacity": 2.0}), ("diffmoe", {"capacity": 2.0}),
-                          ("race", {})):
-        out.append(ModelVariant(f"{router} E{num_experts} top-2 (grouped)",
-                                {**coarse, "router": {"name": router, "top_k": 2, **extra}}))
-    out.append(ModelVariant(f"promoe E{num_experts} top-1 4D (grouped)",
-                            {"num_experts": num_experts, "expert_ratio": 4.0, "router": {"name": "promoe", "top_k": 1}}))
+    out += [router_variant(name, num_experts) for name in ROUTERS]
     out.append(ModelVariant(f"topk E{num_experts} top-2 (loop)", {**coarse, "backend": "loop", "router": {"name": "topk"}}))
     out.append(ModelVariant(f"topk E{num_experts} top-2 (grouped, col)",
                             {**coarse, "expert_layout": "col", "router": {"name": "topk"}}))

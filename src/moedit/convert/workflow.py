@@ -22,6 +22,7 @@ from moedit.convert.dense import (build_dense, convert_dense, dense_hidden, expe
 from moedit.convert.keys import ConversionError
 from moedit.convert.sources import DenseSource, load_source, output_channels
 from moedit.moe.layer import expert_hidden
+from moedit.moe.routers import router_class
 from moedit.train import checkpoint as ckpt
 from moedit.utils.files import ensure_writable_dir
 
@@ -113,10 +114,9 @@ def summary(dense, moe_cfg) -> str:
     m, r = moe_cfg.moe, moe_cfg.moe.router
     S = expert_split(dense, moe_cfg)
     experts = "full copies" if S == 1 else f"{S} hidden slices of the dense FFN, each scaled by {S}"
-    normalize = f" normalize={r.normalize}" if r.name == "topk" else ""
     return (f"{dense.depth} blocks ({m.placement}), dense FFN hidden {dense_hidden(dense)} → {m.num_experts} experts "
             f"of hidden {expert_hidden(dense.width, m.expert_ratio)} ({experts}), {m.num_shared} shared; router "
-            f"{r.name} top_k={r.top_k} score={r.score}{normalize}")
+            f"{r.name} {router_class(r.name).describe(r)}")
 
 
 def verification_line(report: dict) -> str:

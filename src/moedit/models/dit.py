@@ -163,7 +163,7 @@ class DiT(nn.Module):
     def wants_target(self) -> bool:
         """True when a router has a per-layer regularisation head: the objective then passes
         `target=` (the training target) so that head gets its loss."""
-        return any(getattr(layer.router, "target_head", None) is not None for layer in self.moe_layers())
+        return any(layer.router.wants_target for layer in self.moe_layers())
 
     def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor,
                 target: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,6 +203,4 @@ class DiT(nn.Module):
 
     def after_optimizer_step(self, reduce_fn=None) -> None:
         for layer in self.moe_layers():
-            hook = getattr(layer.router, "after_optimizer_step", None)
-            if hook is not None:
-                hook(reduce_fn)
+            layer.router.after_optimizer_step(reduce_fn)

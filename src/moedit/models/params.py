@@ -36,6 +36,7 @@ from torch import nn
 from moedit.config import ModelConfig, RouterConfig, from_dict
 from moedit.models import DiT, build_model
 from moedit.models.presets import MODEL_PRESETS
+from moedit.moe.routers import router_class
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,9 @@ class ParamCount:
 
 
 def routed_experts_per_token(router: RouterConfig) -> float:
-    """k̄ of the module docstring: the average number of routed experts a token runs through."""
-    if router.name in ("expert_choice", "diffmoe"):
-        return router.capacity if router.capacity is not None else router.top_k
-    return router.top_k
+    """k̄ of the module docstring: the average number of routed experts a token runs through, as the
+    router states it (`Router.experts_per_token`)."""
+    return router_class(router.name).experts_per_token(router)
 
 
 def _numel(params: Iterable[nn.Parameter]) -> int:

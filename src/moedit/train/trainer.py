@@ -219,13 +219,14 @@ class Trainer:
     def _warn_unused_aux_weights(self, aux: dict) -> None:
         """A weight under a name no loss has (a typo such as `balanse`) would silently do nothing: say so
         once, at the first step. Built-in names stay quiet: they are filled in for every run."""
-        from moedit.config import DEFAULT_AUX_WEIGHTS
+        from moedit.config import default_aux_weights
 
         self._aux_names_checked = True
-        unused = sorted(set(self.cfg.train.aux_weights) - set(DEFAULT_AUX_WEIGHTS) - set(aux))
+        built_in = default_aux_weights()
+        unused = sorted(set(self.cfg.train.aux_weights) - set(built_in) - set(aux))
         if unused and self.dist.is_main:
             tqdm.write(f"warning: train.aux_weights has {unused}, but the model emits no loss of that name "
-                       f"(it emits {sorted(aux) or 'none'}; built-in names: {sorted(DEFAULT_AUX_WEIGHTS)}); "
+                       f"(it emits {sorted(aux) or 'none'}; built-in names: {sorted(built_in)}); "
                        "check the spelling")
 
     def _loss_and_aux(self, x0_BCHW: torch.Tensor, y_B: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -1,25 +1,20 @@
-"""Router registry: name -> class, one line per router.
+"""Router registry: name -> class, one line per router (the contract: moe/routers/base.py).
 
-Every router is built as `cls(width, num_experts, cfg, target_dim=...)`, returns a `Routing` from
-`forward(x_ND, ctx)`, and may define `after_optimizer_step(reduce_fn)` (statistics taken over the
-step, reduced across data-parallel ranks). Class attributes:
-- DEFAULTS: values for the RouterConfig fields left null (gate, score, threshold_decay);
-- extra_experts: experts the router adds beyond model.moe.num_experts (ProMoE's unconditional one).
-`target_dim` is the patchified training target's width (p²·C), for routers with a target head.
+Adding a router: one file with a `Router` subclass, and one line in ROUTERS below. Everything else asks
+the class (its defaults, losses, extra experts, experts per token, conversion exactness).
 """
 
 from __future__ import annotations
 
-from torch import nn
-
 from moedit.config import RouterConfig
+from moedit.moe.routers.base import Router
 from moedit.moe.routers.diffmoe import DiffMoERouter
 from moedit.moe.routers.expert_choice import ExpertChoiceRouter
 from moedit.moe.routers.promoe import ProMoERouter
 from moedit.moe.routers.race import RaceRouter
 from moedit.moe.routers.topk import TopKRouter
 
-ROUTERS: dict[str, type[nn.Module]] = {
+ROUTERS: dict[str, type[Router]] = {
     "topk": TopKRouter,
     "expert_choice": ExpertChoiceRouter,
     "diffmoe": DiffMoERouter,
@@ -28,17 +23,33 @@ ROUTERS: dict[str, type[nn.Module]] = {
 }
 
 
+def router_class(name: str) -> type[Router]:
+    if name not in ROUTERS:
+        raise ValueError(f"router {name!r} is unknown; choose one of: {', '.join(ROUTERS)}")
+    return ROUTERS[name]
+
+
 def router_defaults(name: str) -> dict:
     """The router's values for null RouterConfig fields ({} for an unknown name: validate() reports it)."""
     cls = ROUTERS.get(name)
-    return dict(getattr(cls, "DEFAULTS", {})) if cls is not None else {}
+    return dict(cls.DEFAULTS) if cls is not None else {}
 
 
 def extra_experts(name: str) -> int:
-    return getattr(ROUTERS[name], "extra_experts", 0)
+    return router_class(name).EXTRA_EXPERTS
 
 
-def build_router(width: int, num_experts: int, cfg: RouterConfig, target_dim: int | None = None) -> nn.Module:
-    if cfg.name not in ROUTERS:
-        raise ValueError(f"router {cfg.name!r} is unknown; choose one of: {', '.join(ROUTERS)}")
-    return ROUTERS[cfg.name](width, num_experts, cfg, target_dim=target_dim)
+def default_aux_weights() -> dict[str, float]:
+    """Every registered router's auxiliary losses with their default weights. A name two routers share
+    is one loss and must have one default weight."""
+    weights: dict[str, float] = {}
+    for name, cls in ROUTERS.items():
+        for loss, weight in cls.AUX_LOSSES.items():
+            if weights.setdefault(loss, weight) != weight:
+                raise ValueError(f"router {name!r} gives auxiliary loss {loss!r} the default weight {weight}, "
+                                 f"another router {weights[loss]}: one name, one loss, one default weight")
+    return weights
+
+
+def build_router(width: int, num_experts: int, cfg: RouterConfig, target_dim: int | None = None) -> Router:
+    return router_class(cfg.name)(width, num_experts, cfg, target_dim=target_dim)

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moedit.config import RouterConfig
+from moedit.config import MoEConfig, RouterConfig
 from moedit.moe.gates import Gate, linear_f32, score
 from moedit.moe.losses import router_z_loss
+from moedit.moe.routers.base import Router
 from moedit.moe.routers.expert_choice import expert_capacity
 from moedit.moe.routing import Routing, RoutingContext
 from moedit.moe.threshold import StepThreshold
@@ -47,8 +48,19 @@ class CapacityPredictor(nn.Module):
             return linear_f32(self.fc2, F.gelu(linear_f32(self.fc1, x_ND.detach())))
 
 
-class DiffMoERouter(nn.Module):
+class DiffMoERouter(Router):
     DEFAULTS = {"gate": "linear", "score": "softmax", "threshold_decay": 0.95}
+    AUX_LOSSES = {"z": 0.0, "capacity": 1.0}  # DiffMoE's capacity-predictor BCE at weight 1
+
+    @classmethod
+    def experts_per_token(cls, cfg: RouterConfig) -> float:
+        """The capacity factor (training: C = capacity·N/E tokens per expert from the global pool)."""
+        return cfg.capacity if cfg.capacity is not None else cfg.top_k
+
+    @classmethod
+    def conversion_exactness(cls, moe: MoEConfig, slices: int, zero_gate: bool) -> tuple[bool, str]:
+        return False, ("at inference DiffMoE's capacity predictor gives a token 0..E experts whose softmax "
+                       "weights need not sum to 1; no configuration is exact")
 
     def __init__(self, width: int, num_experts: int, cfg: RouterConfig, target_dim: int | None = None):
         super().__init__()

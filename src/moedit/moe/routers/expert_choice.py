@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moedit.config import RouterConfig
+from moedit.config import MoEConfig, RouterConfig
 from moedit.moe.gates import Gate, score
 from moedit.moe.losses import router_z_loss
+from moedit.moe.routers.base import Router
 from moedit.moe.routing import Routing, RoutingContext
 
 
@@ -29,8 +30,27 @@ def expert_capacity(capacity: float, pool: int, num_experts: int) -> int:
     return max(1, min(pool, int(capacity * pool / num_experts)))
 
 
-class ExpertChoiceRouter(nn.Module):
+class ExpertChoiceRouter(Router):
     DEFAULTS = {"gate": "linear", "score": "softmax"}
+    AUX_LOSSES = {"z": 0.0}
+
+    @classmethod
+    def experts_per_token(cls, cfg: RouterConfig) -> float:
+        """The capacity factor: C = capacity·L/E tokens per expert is capacity experts per token on average."""
+        return cfg.capacity if cfg.capacity is not None else cfg.top_k
+
+    @classmethod
+    def conversion_exactness(cls, moe: MoEConfig, slices: int, zero_gate: bool) -> tuple[bool, str]:
+        r, E = moe.router, moe.num_experts
+        capacity = r.capacity if r.capacity is not None else r.top_k
+        if capacity < E:
+            return False, (f"expert choice with capacity {capacity:g} < num_experts={E} gives a token 0..E experts, "
+                           "so its weights need not sum to 1")
+        if r.score != "softmax":
+            return False, f"every expert takes every token, but {r.score} scores over all experts need not sum to 1"
+        if slices > 1 and not (zero_gate and E == slices):
+            return False, f"slices need equal weights 1/{slices} on exactly {slices} experts: use --zero-gates and E = S"
+        return True, "capacity = num_experts: every expert takes every token and the softmax over all experts sums to 1"
 
     def __init__(self, width: int, num_experts: int, cfg: RouterConfig, target_dim: int | None = None):
         super().__init__()

@@ -3,7 +3,7 @@
 Step 1, conditional routing (hard, not learned): every token of a sample whose label is the null
 label (dropped for classifier-free guidance in training, or the unconditional half of a CFG batch at
 sampling) goes with weight 1 to the dedicated unconditional expert, index E (this router adds one
-expert: `extra_experts = 1`, so the layer holds E + 1 routed experts).
+expert: `EXTRA_EXPERTS = 1`, so the layer holds E + 1 routed experts).
 
 Step 2, prototypical routing of the other (conditional) tokens over E learnable prototypes
 C ∈ R^{E×D}, C ~ N(0, 0.02²):
@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moedit.config import RouterConfig
+from moedit.config import MoEConfig, RouterConfig
 from moedit.moe.gates import score
+from moedit.moe.routers.base import Router
 from moedit.moe.routing import Routing, RoutingContext, count_ids
 
 
@@ -54,10 +55,23 @@ def routing_contrastive(prototypes_ED: torch.Tensor, x_ND: torch.Tensor, token_M
     return torch.where(num_used >= 2, loss, torch.zeros_like(loss))
 
 
-class ProMoERouter(nn.Module):
+class ProMoERouter(Router):
     DEFAULTS = {"score": "identity"}
-    extra_experts = 1
+    AUX_LOSSES = {"contrastive": 1.0}  # ProMoE's routing contrastive loss at weight 1, per MoE block
+    EXTRA_EXPERTS = 1
     no_weight_decay = ("prototypes_ED",)
+
+    @classmethod
+    def conversion_exactness(cls, moe: MoEConfig, slices: int, zero_gate: bool) -> tuple[bool, str]:
+        r, E = moe.router, moe.num_experts
+        if slices > 1:
+            return False, "null-label tokens run one slice (the unconditional expert), not the whole dense FFN"
+        if r.score == "softmax" and r.top_k == E:
+            return True, ("null-label tokens go to the unconditional expert (a copy) with weight 1; conditional "
+                          "tokens keep every prototype's softmax weight, which sums to 1")
+        return False, (f"null-label tokens are exact (unconditional expert, weight 1), but conditional tokens get "
+                       f"weight {r.score}(cos(x, C_e)) on their top-{r.top_k} prototype(s), not renormalised, so it "
+                       f"does not sum to 1 (exact only with score softmax and top_k = num_experts = {E})")
 
     def __init__(self, width: int, num_experts: int, cfg: RouterConfig, target_dim: int | None = None):
         super().__init__()

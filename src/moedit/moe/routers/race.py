@@ -32,9 +32,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from moedit.config import RouterConfig
+from moedit.config import MoEConfig, RouterConfig
 from moedit.moe.gates import Gate, linear_f32, score
 from moedit.moe.losses import router_z_loss
+from moedit.moe.routers.base import Router
 from moedit.moe.routing import Routing, RoutingContext
 from moedit.moe.threshold import StepThreshold
 
@@ -60,8 +61,20 @@ def router_similarity(logits_NE: torch.Tensor, mask_NE: torch.Tensor) -> torch.T
     return (weight_EE * co_prob_EE).sum() / N
 
 
-class RaceRouter(nn.Module):
+class RaceRouter(Router):
     DEFAULTS = {"gate": "mlp", "score": "identity", "threshold_decay": 0.99}
+    # Race-DiT does not publish these weights: [choice] 0.01 for the similarity loss (like the balance loss it
+    # replaces) and 0.1 for the per-layer regularisation
+    AUX_LOSSES = {"similarity": 0.01, "z": 0.0, "plr": 0.1}
+
+    @classmethod
+    def conversion_exactness(cls, moe: MoEConfig, slices: int, zero_gate: bool) -> tuple[bool, str]:
+        return False, ("at inference race keeps every expert whose score passes the threshold τ̂ (0..E experts, "
+                       "weights G(S)); no configuration is exact")
+
+    @property
+    def wants_target(self) -> bool:
+        return self.target_head is not None
 
     def __init__(self, width: int, num_experts: int, cfg: RouterConfig, target_dim: int | None = None):
         super().__init__()

@@ -28,14 +28,26 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from moedit.config import RouterConfig
+from moedit.config import MoEConfig, RouterConfig
 from moedit.moe.gates import Gate, score
 from moedit.moe.losses import router_z_loss, switch_balance
+from moedit.moe.routers.base import Router
 from moedit.moe.routing import Routing, RoutingContext, count_ids
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(Router):
     DEFAULTS = {"gate": "linear", "score": "softmax"}
+    # Switch balance 0.01 as in DiT-MoE's released code (its paper's text says 0.005, docs/PRESETS.md);
+    # the z-loss is off unless asked for
+    AUX_LOSSES = {"balance": 0.01, "z": 0.0}
+
+    @classmethod
+    def conversion_exactness(cls, moe: MoEConfig, slices: int, zero_gate: bool) -> tuple[bool, str]:
+        return topk_exactness(moe, slices, zero_gate)
+
+    @classmethod
+    def describe(cls, cfg: RouterConfig) -> str:
+        return f"top_k={cfg.top_k} score={cfg.score} normalize={cfg.normalize}"
 
     def __init__(self, width: int, num_experts: int, cfg: RouterConfig, target_dim: int | None = None):
         super().__init__()
@@ -95,3 +107,50 @@ def limit_to_groups(select_NE: torch.Tensor, num_groups: int, top_groups: int) -
     keep_NG = torch.zeros_like(group_score_NG, dtype=torch.bool)
     keep_NG.scatter_(1, group_score_NG.topk(top_groups, dim=-1).indices, True)
     return grouped_NGe.masked_fill(~keep_NG[..., None], float("-inf")).view(N, E)
+
+
+# ----------------------------------------------------------------------------- dense→MoE exactness
+
+
+_EPS = 1e-9  # |Σw − 1| below this counts as exactly one
+
+
+def _constant_score(score: str, num_experts: int) -> float:
+    """The score every expert gets from a zero gate head."""
+    return {"softmax": 1.0 / num_experts, "sigmoid": 0.5, "identity": 0.0}[score]
+
+
+def _kept_weight_sum(moe: MoEConfig, zero_gate: bool) -> tuple[float | None, str]:
+    """Σ of one token's routed weights for topk when it is the same for every token, else None."""
+    r, E, k = moe.router, moe.num_experts, moe.router.top_k
+    if zero_gate:
+        c = _constant_score(r.score, E)
+        w = 1.0 / k if (r.normalize and c > 0) else c
+        return r.scale * k * w, f"a zero gate makes every {r.score} score {c:g}, so each kept weight is {r.scale * w:g}"
+    if r.score == "identity":
+        return None, "identity scores can be negative and the renormaliser is clamped at 1e-9"
+    if r.normalize:
+        return r.scale, "the kept top-k weights are renormalised to sum to 1" + (
+            f", then multiplied by router.scale={r.scale:g}" if r.scale != 1.0 else "")
+    if r.score == "softmax" and k == E:
+        return r.scale, "every expert is kept and the softmax over all experts sums to 1"
+    if r.score == "softmax":
+        return None, (f"softmax top-{k} of {E} without renormalisation keeps only part of the probability "
+                      "mass (Σw < 1); set router.normalize=true for an exact conversion")
+    return None, "independent sigmoid scores do not sum to 1; set router.normalize=true"
+
+
+def topk_exactness(moe: MoEConfig, slices: int, zero_gate: bool) -> tuple[bool, str]:
+    total, why = _kept_weight_sum(moe, zero_gate)
+    k, E = moe.router.top_k, moe.num_experts
+    if slices == 1:
+        exact = total is not None and abs(total - 1.0) < _EPS
+        return exact, f"{why}; the routed weights sum to {total:g}" if total is not None else why
+    if not (E == slices and k == E):
+        return False, (f"a token keeps {k} of {E} experts holding {slices} slices, so it need not hold every "
+                       f"slice exactly once; exact needs num_experts = top_k = {slices}")
+    if not zero_gate:
+        return False, ("the slices' weights vary from token to token; a split reproduces the dense FFN only with "
+                       f"every weight exactly 1/{slices}: convert with a zero gate head (--zero-gates)")
+    exact = total is not None and abs(total - 1.0) < _EPS
+    return exact, f"{why}; every token holds all {slices} slices with weights summing to {total:g}"
