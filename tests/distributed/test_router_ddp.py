@@ -1,6 +1,6 @@
 """Router statistics under data parallelism: 2 CPU processes (gloo, torchrun) train tiny MoE-DiTs on
 different data. Race's τ̂, DiffMoE's θ_E and top-k's selection bias must end identical on both ranks,
-and equal to the values computed from both ranks' observations (ROUTERS.md §4.1, §4.3, §4.4)."""
+and equal to the values computed from both ranks' observations (docs/ROUTING_MATH.md §4.1, §4.3, §4.4)."""
 
 from __future__ import annotations
 

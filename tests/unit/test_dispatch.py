@@ -1,6 +1,7 @@
 """Dispatch backends: `grouped` and `fused` (fast paths) and `loop` (reference) must agree with each
-other and with a naive per-assignment reference, in the forward output and in every gradient (DESIGN.md
-rule 6). `fused` runs its Triton kernels under Triton's interpreter here (tests/conftest.py)."""
+other and with a naive per-assignment reference, in the forward output and in every gradient
+(docs/ARCHITECTURE.md rule 4). `fused` runs its Triton kernels under Triton's interpreter here
+(tests/conftest.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""The contract every registered router keeps (ROUTERS.md §4-5, DESIGN.md): well-formed assignments,
-float32 routing math under bf16 autocast, determinism, eval() that moves no statistic, eval outputs
-independent of the batch, finite training, a gradient path for each named auxiliary loss, and one
-shared dispatcher whose backends agree.
+"""The contract every registered router keeps (docs/ROUTING_MATH.md §4-5, docs/ARCHITECTURE.md):
+well-formed assignments, float32 routing math under bf16 autocast, determinism, eval() that moves no
+statistic, eval outputs independent of the batch, finite training, a gradient path for each named
+auxiliary loss, and one shared dispatcher whose backends agree.
 
 Parametrised over `ROUTERS`, so a router added to the registry is covered at once with its default
 settings; VARIANTS adds settings that exercise each router's options (gates, scores, selection bias,
@@ -42,7 +42,7 @@ VARIANTS: dict[str, list[dict]] = {
     "promoe": [{}, {"top_k": 2, "score": "softmax"}],
 }
 
-# what each auxiliary loss must train (ROUTERS.md §4-5): (parameter prefixes of which EVERY parameter
+# what each auxiliary loss must train (docs/ROUTING_MATH.md §4-5): (parameter prefixes of which EVERY parameter
 # gets a non-zero gradient, prefixes that must get none, whether the loss reaches the input tokens)
 AUX_PATHS: dict[str, tuple[tuple[str, ...], tuple[str, ...], bool]] = {
     "balance": (("gate.",), ("predictor.", "target_head."), True),

@@ -1,4 +1,4 @@
-"""Token-choice top-k router (ROUTERS.md §2-5): selection, weights, selection-only bias and its
+"""Token-choice top-k router (docs/ROUTING_MATH.md §2-5): selection, weights, selection-only bias and its
 auxiliary-loss-free update, auxiliary losses, float32 gates."""
 
 from __future__ import annotations

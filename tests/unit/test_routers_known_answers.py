@@ -1,4 +1,4 @@
-"""Known answers for each router on hand-built inputs (ROUTERS.md §4): gates set by hand so that the
+"""Known answers for each router on hand-built inputs (docs/ROUTING_MATH.md §4): gates set by hand so that the
 scores are exactly the tokens (linear gate with an identity head), or the pure functions called
 directly and compared with loop-based evaluations of the formulas."""
 
@@ -139,7 +139,7 @@ def test_race_without_ema_threshold_races_in_eval() -> None:
 
 
 def _similarity_by_loops(logits: torch.Tensor, mask: torch.Tensor) -> float:
-    """ROUTERS.md §4.4 evaluated entry by entry in float64."""
+    """docs/ROUTING_MATH.md §4.4 evaluated entry by entry in float64."""
     N, E = logits.shape
     p = torch.softmax(logits.double(), dim=-1).tolist()
     m = mask.double().tolist()

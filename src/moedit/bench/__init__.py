@@ -1,2 +1,2 @@
-"""Speed benchmarks (PERFORMANCE design document): timing helpers, the MoE layer against the dense FFN
+"""Speed benchmarks (docs/PERFORMANCE.md): timing helpers, the MoE layer against the dense FFN
 and the peers' loops, and whole-model training steps. Benchmarks measure; tests never assert on time."""

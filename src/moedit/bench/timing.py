@@ -1,4 +1,4 @@
-"""Timing by the project's method (PERFORMANCE design document): warm-up first, then the median of
+"""Timing by the project's method (docs/PERFORMANCE.md): warm-up first, then the median of
 repeats, CUDA events on a GPU and perf_counter elsewhere, peak memory where the device reports it."""
 
 from __future__ import annotations

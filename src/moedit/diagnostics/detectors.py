@@ -1,4 +1,4 @@
-"""Routing failure detectors over the routing record (ROUTERS.md §7, arXiv 2605.19378).
+"""Routing failure detectors over the routing record (docs/ROUTING_MATH.md §7, arXiv 2605.19378).
 
 - **Selective deadlock** (MLP gates): a layer sends nearly all tokens to one expert and stays there.
   Per record, top-1 share = max_e #{i : argmax_e s_ie = e} / N (record.top1_share_RY). A layer is

@@ -14,7 +14,7 @@ per layer, into one flat float32 accumulator on the device (record.py lists the 
     Σ w                    combine weights                           → mean weight per assignment
     cos                    every `probe_every` steps: all experts run on `probe_tokens` inputs of
                            the layer (evenly spaced over the batch); mean over pairs e ≠ f and tokens
-                           of cos(Expert_e(x), Expert_f(x))           (homogenisation, ROUTERS.md §7)
+                           of cos(Expert_e(x), Expert_f(x))           (homogenisation, docs/ROUTING_MATH.md §7.1)
 
 Every `every` steps the accumulator is copied into a pending list (still on the device) and zeroed;
 `flush()` (the trainer calls it at each log step) stacks the pending records, all-reduces them with

@@ -1,5 +1,5 @@
 """bf16 update underflow: how much of each optimizer step the stored weights actually took
-(ROUTERS.md §7, the "bf16 trap", arXiv 2605.19378).
+(docs/ROUTING_MATH.md §7.4, the "bf16 trap", arXiv 2605.19378).
 
 bfloat16 keeps 8 significant bits, so a weight w (a bf16 value, 2^k ≤ |w| < 2^(k+1)) can only move in
 steps of ulp(w) = 2^(k−7). Storing w + Δw rounds to the nearest bf16 value, which is w itself when

@@ -1,4 +1,4 @@
-"""Evaluation of generated samples (docs EVAL.md): metrics on feature matrices.
+"""Evaluation of generated samples (docs/EVALUATION.md): metrics on feature matrices.
 
 `metrics` holds the pure functions (Fréchet distance, KID, k-NN precision / recall, class accuracy);
 they take features, never images, so the same code serves the domain classifier's features and

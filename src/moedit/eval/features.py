@@ -1,4 +1,4 @@
-"""The domain classifier behind FD-LeNet, KID, precision / recall and class accuracy (docs EVAL.md).
+"""The domain classifier behind FD-LeNet, KID, precision / recall and class accuracy (docs/EVALUATION.md).
 
 A LeNet-style CNN (after LeCun et al. 1998, "Gradient-based learning applied to document
 recognition", LeNet-5; here with ReLU, max-pooling and dropout in place of the original's squashing
@@ -121,7 +121,7 @@ def check_dataset(dataset: str) -> None:
     if dataset not in DATASETS:
         raise FeatureClassifierError(
             f"no feature classifier for dataset {dataset!r}; choose one of: {', '.join(DATASETS)} "
-            f"(other data has no domain classifier: report Inception FID instead, docs EVAL.md)"
+            f"(other data has no domain classifier: report Inception FID instead, docs/EVALUATION.md)"
         )
 
 

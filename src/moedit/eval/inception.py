@@ -1,4 +1,5 @@
-"""Inception FID: the Fréchet distance on InceptionV3 pool features, the number the papers report (docs EVAL.md).
+"""Inception FID: the Fréchet distance on InceptionV3 pool features, the number the papers report
+(docs/EVALUATION.md).
 
 FID (Heusel et al. 2017, arXiv 1706.08500) is `metrics.frechet_distance` applied to the 2048-d
 "pool3" activations of InceptionV3 (Szegedy et al. 2016, arXiv 1512.00567, with the 2015-12-05

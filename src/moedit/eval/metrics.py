@@ -3,7 +3,7 @@
 Every function takes features of shape (N, D), one row per image (a classifier's penultimate layer,
 Inception's pool layer), as numpy arrays or torch tensors, and computes in float64 on the device of
 its first argument. Nothing here extracts features or looks at images. Which features each number is
-reported on, and at which N, is fixed by docs EVAL.md.
+reported on, and at which N, is fixed by docs/EVALUATION.md.
 
 **Fréchet distance** (Dowson & Landau 1982; as FID: Heusel et al. 2017, arXiv 1706.08500). Fit a
 Gaussian (μ, Σ) to each set, Σ the unbiased (N − 1) covariance, and take the squared 2-Wasserstein

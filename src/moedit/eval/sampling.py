@@ -1,6 +1,6 @@
 """Drawing the N images an evaluation scores: class-balanced, seeded per batch, resumable.
 
-The protocol (docs EVAL.md asks for n per class):
+The protocol (docs/EVALUATION.md: the same number of samples per class):
 
     labels     yᵢ = i mod C                  for i = 0 .. N−1, so every batch of a multiple of C is balanced
     batch b    samples i ∈ [b·B, min((b+1)·B, N))

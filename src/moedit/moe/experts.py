@@ -1,5 +1,5 @@
 """Experts stored stacked, one tensor per matrix with the expert index first, so that a grouped
-matrix product can run all of them at once (ROUTERS.md §1).
+matrix product can run all of them at once (docs/ROUTING_MATH.md §1).
 
 - `mlp`  : y = w2ᵀ·GELU_tanh(w1ᵀ·x + b1) + b2, with w1_EDH, b1_EH, w2_EHD, b2_ED
 - `swiglu`: y = w2ᵀ·(silu(wgᵀ·x) ⊙ wuᵀ·x), with wg_EDH, wu_EDH, w2_EHD, no biases

@@ -1,4 +1,4 @@
-"""Gate networks that turn tokens into expert scores S ∈ R^{N×E} (ROUTERS.md §2).
+"""Gate networks that turn tokens into expert scores S ∈ R^{N×E} (docs/ROUTING_MATH.md §2).
 
 - linear    : S = x W
 - mlp       : S = W2 · GELU(W1 x), hidden width D by default
@@ -96,7 +96,7 @@ class Gate(nn.Module):
 
 
 def score(logits_NE: torch.Tensor, kind: str) -> torch.Tensor:
-    """Score function over experts (ROUTERS.md §3)."""
+    """Score function over experts (docs/ROUTING_MATH.md §3)."""
     if kind == "softmax":
         return torch.softmax(logits_NE, dim=-1)
     if kind == "sigmoid":

@@ -1,4 +1,4 @@
-"""Auxiliary routing losses (ROUTERS.md §5). Each is returned unweighted, by name, by the router
+"""Auxiliary routing losses (docs/ROUTING_MATH.md §5). Each is returned unweighted, by name, by the router
 that uses it; the trainer applies `train.aux_weights[name]` and logs every term separately."""
 
 from __future__ import annotations

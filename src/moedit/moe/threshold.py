@@ -1,6 +1,6 @@
 """Inference thresholds kept as an exponential moving average of per-step batch values.
 
-Race-DiT's τ̂ (ROUTERS.md §4.4) and DiffMoE's θ_e (§4.3) are learned the same way: during training a
+Race-DiT's τ̂ (docs/ROUTING_MATH.md §4.4) and DiffMoE's θ_e (§4.3) are learned the same way: during training a
 router observes the batch value of its threshold at every forward (τ_batch, or each expert's C-th
 largest predictor probability); after each optimizer step the values observed over the step are
 averaged — summed across data-parallel ranks by the caller's `reduce_fn` — and folded in once:

@@ -1,4 +1,5 @@
-"""Parameter storage in bfloat16 and the remedies for the bf16 trap (ROUTERS.md §7, docs/PRECISION.md).
+"""Parameter storage in bfloat16 and the remedies for the bf16 trap (docs/ROUTING_MATH.md §7.4,
+docs/PRECISION.md).
 
 `train.param_dtype` says what the parameters are *stored* in; `train.precision` what the forward
 computes in (autocast):

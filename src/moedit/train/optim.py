@@ -3,8 +3,9 @@
 - No weight decay on biases, norm weights, embeddings' tables, RoPE/positions, router biases and
   any 1-D parameter: decaying them pulls scales and offsets to zero for no regularisation gain.
 - Parameters are float32 by default (mixed precision is autocast only), so router and prototype
-  updates are never truncated to bf16 — ROUTERS.md §7, the bf16 trap. With train.param_dtype=bf16 the
-  AdamW runs in float32 on work copies and rounds back into bf16 storage (train/bf16.py).
+  updates are never truncated to bf16 — docs/ROUTING_MATH.md §7.4, the bf16 trap. With
+  train.param_dtype=bf16 the AdamW runs in float32 on work copies and rounds back into bf16 storage
+  (train/bf16.py).
 """
 
 from __future__ import annotations

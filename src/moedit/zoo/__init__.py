@@ -1,5 +1,5 @@
 """The router zoo (`moedit zoo`): every routing method trained on the same data, step budget, seeds and
-activated parameters, evaluated by docs EVAL.md, tabulated and plotted (docs/RESULTS.md).
+activated parameters, evaluated by docs/EVALUATION.md, tabulated and plotted (docs/RESULTS.md).
 
     zoo file (configs/zoo/routers.yaml) ─► plan.py (runs, settings, equal-activated check, ROOT/zoo.json)
         ─► runner.py per run: train ─► evaluate curve checkpoints ─► routing_stats.py ─► RUN/result.json

@@ -113,7 +113,7 @@ def markdown(rows: list[dict], settings: dict, meta: str, claims: Sequence = ())
            f"euler {settings['sampler_steps']} steps, guidance {settings['cfg_scale']:g}, sampling seed "
            f"{settings['eval_seed']}) against the test split; {meta}.",
            "Quality: mean ± standard deviation over seeds at the last step. Routing: training record, last "
-           "quarter of the steps, mean over seeds (docs EVAL.md; moedit/zoo/routing_stats.py)."]
+           "quarter of the steps, mean over seeds (docs/EVALUATION.md; moedit/zoo/routing_stats.py)."]
     for dataset, entries in group(rows).items():
         out += ["", f"### {dataset}", "", *quality_table(entries), "", *routing_table(entries)]
         checked = claims_table(entries, claims)

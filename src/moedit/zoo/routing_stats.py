@@ -1,4 +1,5 @@
-"""The routing metrics of docs EVAL.md for one run, read from its training routing record (RUN/routing/).
+"""The routing metrics of docs/EVALUATION.md ("Routing metrics") for one run, read from its training
+routing record (RUN/routing/).
 
 Over the last quarter of training (diagnostics/report.py `tail`), summed into one record, per MoE
 layer and then averaged over layers (top-1 share: the worst layer):
