@@ -16,6 +16,8 @@ from moedit.moe.dispatch import dispatch
 from moedit.moe.layer import MoELayer
 from moedit.moe.routing import RoutingContext
 
+from model_helpers import wake_up  # tests/model_helpers.py
+
 WIDTH = 32
 BASE = dict(image_size=16, in_channels=1, patch_size=4, width=WIDTH, depth=2, heads=2, num_classes=10)
 MOE = dict(num_experts=4, expert_ratio=2.0, router=dict(top_k=2))
@@ -31,19 +33,6 @@ def _model(seed: int = 0, **overrides) -> DiT:
 def _moe(**kw) -> dict:
     router = {**MOE["router"], **kw.pop("router", {})}
     return {**MOE, **kw, "router": router}
-
-
-def _wake_up(model: DiT, seed: int = 0) -> DiT:
-    """Give the zero-initialised adaLN and output layers random values, so every parameter gets a
-    non-zero gradient (at adaLN-Zero init almost everything upstream of the output gets zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    layers = [b.adaLN_modulation[-1] for b in model.blocks]
-    layers += [model.final_layer.adaLN_modulation[-1], model.final_layer.linear]
-    with torch.no_grad():
-        for layer in layers:
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.1)
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen) * 0.1)
-    return model
 
 
 def _inputs(model: DiT, B: int = 2, seed: int = 0):
@@ -106,7 +95,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_config_path_trains(name: str) -> None:
-    model = _wake_up(_model(**CONFIGS[name]))
+    model = wake_up(_model(**CONFIGS[name]))
     _train_step_grads(model)
     if model.cfg.moe is not None:
         assert set(model.aux_losses()) == {"balance", "z"}
@@ -115,13 +104,13 @@ def test_every_config_path_trains(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["dense", "moe_all", "gate_cross_attn"])
 def test_batch_of_one(name: str) -> None:
-    model = _wake_up(_model(**CONFIGS[name]))
+    model = wake_up(_model(**CONFIGS[name]))
     _train_step_grads(model, B=1)
 
 
 @pytest.mark.parametrize("patch", [2, 4, 7])
 def test_patch_sizes_on_28px_rgb(patch: int) -> None:
-    model = _wake_up(_model(image_size=28, in_channels=3, patch_size=patch, moe=_moe()))
+    model = wake_up(_model(image_size=28, in_channels=3, patch_size=patch, moe=_moe()))
     assert model.grid == 28 // patch
     assert model.pos_embed.shape == (1, (28 // patch) ** 2, WIDTH)
     out = _train_step_grads(model)
@@ -185,7 +174,7 @@ def test_loop_and_grouped_backends_give_the_same_model() -> None:
     for backend in ("loop", "grouped"):
         model = _model(ffn="swiglu", moe=_moe(backend=backend, num_shared=1, router=dict(score="sigmoid")))
         if reference is None:
-            reference = _wake_up(model).state_dict()
+            reference = wake_up(model).state_dict()
         else:
             model.load_state_dict(reference)
         model.eval()
@@ -212,7 +201,7 @@ def test_adaln_zero_init_outputs_exactly_zero(name: str) -> None:
         block.register_forward_hook(lambda mod, args, out: identity.append(torch.equal(out, args[0])))
     model(x, t, y)
     assert identity == [True] * len(model.blocks)
-    assert torch.count_nonzero(_wake_up(model)(x, t, y)) > 0
+    assert torch.count_nonzero(wake_up(model)(x, t, y)) > 0
     identity.clear()
     model(x, t, y)
     assert identity == [False] * len(model.blocks)
@@ -224,7 +213,7 @@ def test_aux_losses_average_over_moe_layers() -> None:
     dense(*_inputs(dense))
     assert dense.aux_losses() == {}
 
-    model = _wake_up(_model(depth=4, moe=_moe(placement="interleaved")))
+    model = wake_up(_model(depth=4, moe=_moe(placement="interleaved")))
     assert model.aux_losses() == {}  # nothing before the first forward
     model(*_inputs(model))
     layers = model.moe_layers()
@@ -333,8 +322,8 @@ def test_rope_relative_position_property() -> None:
 
 def test_rope_model_attention_is_position_aware() -> None:
     """Without any absolute embedding, a RoPE model still distinguishes positions; sincos adds one."""
-    rope = _wake_up(_model(pos_embed="rope"))
-    sincos = _wake_up(_model(pos_embed="sincos"))
+    rope = wake_up(_model(pos_embed="rope"))
+    sincos = wake_up(_model(pos_embed="sincos"))
     assert rope.blocks[0].attn.rope is not None and sincos.blocks[0].attn.rope is None
     rope.eval()
     x = torch.zeros(1, 1, 16, 16)
@@ -359,7 +348,7 @@ def test_sincos_positions_are_added_and_rope_adds_none() -> None:
     x = torch.full((1, 1, 16, 16), 0.3)
     t, y = torch.tensor([0.5]), torch.tensor([3])
     for pos_embed, distinct in (("sincos", True), ("rope", False)):
-        m = _wake_up(_model(pos_embed=pos_embed)).eval()
+        m = wake_up(_model(pos_embed=pos_embed)).eval()
         patches = m(x, t, y).unfold(2, 4, 4).unfold(3, 4, 4).reshape(16, -1)
         spread = (patches - patches[:1]).abs().max().item()
         assert (spread > 1e-4) == distinct, (pos_embed, spread)

@@ -23,6 +23,8 @@ from moedit.moe.routing import Routing, RoutingContext
 from moedit.objectives.rectified_flow import RectifiedFlow
 from moedit.samplers.guidance import classifier_free_guidance
 
+from model_helpers import wake_up  # tests/model_helpers.py
+
 D, E, P = 32, 4, 4  # width, routed experts, patchified target width
 B, L = 3, 8  # samples, tokens per sample (router-level tests)
 NUM_CLASSES = 10
@@ -120,18 +122,6 @@ def _model(name: str, kw: dict, seed: int = 0, **model) -> DiT:
     }}).model
     torch.manual_seed(seed)
     return build_model(cfg)
-
-
-def _wake_up(model: DiT, seed: int = 0) -> DiT:
-    """Random values for the zero-initialised adaLN and output layers, so the output depends on routing."""
-    gen = torch.Generator().manual_seed(seed)
-    layers = [b.adaLN_modulation[-1] for b in model.blocks]
-    layers += [model.final_layer.adaLN_modulation[-1], model.final_layer.linear]
-    with torch.no_grad():
-        for layer in layers:
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.1)
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen) * 0.1)
-    return model
 
 
 def _images(batch: int, seed: int, scale: float = 1.0):
@@ -267,7 +257,7 @@ def test_deterministic_under_a_seed(name: str, kw: dict) -> None:
 def test_eval_mutates_no_statistics_or_thresholds(name: str, kw: dict) -> None:
     router = _router(name, kw)
     _warm_router(router)
-    model = _wake_up(_model(name, kw))
+    model = wake_up(_model(name, kw))
     _train_steps(model, steps=2)
     for module, forward in (
         (router, lambda: (router(*_batch(seed=8)), router(*_batch(seed=9, batch=1)))),
@@ -297,7 +287,7 @@ def _trained(cache: dict, name: str, kw: dict) -> DiT:
     """A micro model with random adaLN/output layers, trained 2 steps (thresholds moved), in eval()."""
     key = _case_id(name, kw)
     if key not in cache:
-        m = _wake_up(_model(name, kw))
+        m = wake_up(_model(name, kw))
         _train_steps(m, steps=2, seed=1)
         cache[key] = m.eval()
     return cache[key]
@@ -415,7 +405,7 @@ def test_combine_weights_train_the_scoring_parameters(name: str, kw: dict) -> No
 
 @pytest.mark.parametrize("name, kw", CASES)
 def test_every_router_runs_through_the_shared_dispatcher(name: str, kw: dict, monkeypatch) -> None:
-    model = _wake_up(_model(name, kw))
+    model = wake_up(_model(name, kw))
     state = {"inside": False, "calls": []}
     real_dispatch = layer_module.dispatch
 
@@ -484,7 +474,7 @@ def test_model_backends_agree_for_every_router() -> None:
     for name in ROUTERS:
         outs = []
         for backend in ("loop", "grouped"):
-            model = _wake_up(_model(name, {}))
+            model = wake_up(_model(name, {}))
             model.cfg.moe.backend = backend  # the layers share this config object
             assert all(layer.cfg.backend == backend for layer in model.moe_layers())
             model.eval()

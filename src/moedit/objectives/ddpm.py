@@ -20,6 +20,7 @@ import math
 import torch
 
 from moedit.config import ObjectiveConfig
+from moedit.objectives.base import Objective
 from moedit.objectives.timesteps import random_index, standard_normal
 
 BETA_SCHEDULES = ("linear", "cosine")
@@ -52,7 +53,7 @@ def make_betas(cfg: ObjectiveConfig) -> torch.Tensor:
                      f"choose one of: {', '.join(BETA_SCHEDULES)}")
 
 
-class DDPM:
+class DDPM(Objective):
     prediction_kind = "epsilon"
 
     def __init__(self, cfg: ObjectiveConfig | None = None):
@@ -84,16 +85,3 @@ class DDPM:
         n_B = random_index(self.T, x0_BCHW.shape[0], x0_BCHW.device, generator)
         eps_BCHW = standard_normal(x0_BCHW.shape, x0_BCHW.device, generator)
         return self.interpolate(x0_BCHW, eps_BCHW, n_B), self.time_of(n_B), self.target(x0_BCHW, eps_BCHW, n_B)
-
-    def loss(self, model_fn, x0_BCHW: torch.Tensor, y_B: torch.Tensor,
-             generator: torch.Generator | None = None, pass_target: bool = False) -> tuple[torch.Tensor, dict]:
-        """Scalar MSE and info {"t_B", "loss_B"} (per-sample losses, detached)."""
-        x_n_BCHW, t_B, eps_BCHW = self.training_target(x0_BCHW.float(), generator)
-        # the model may run under bf16 autocast; the squared error is formed in float32
-        # pass_target: the model also sees the target, for per-layer regularisation heads (race)
-        extra = {"target": eps_BCHW} if pass_target else {}
-        # the first C channels: a model with more outputs (DiT's learned sigma) keeps its extra ones untrained
-        pred_BCHW = model_fn(x_n_BCHW, t_B, y_B, **extra)[:, : eps_BCHW.shape[1]]
-        err_BCHW = (pred_BCHW.float() - eps_BCHW).square()
-        loss_B = err_BCHW.flatten(1).mean(1)
-        return loss_B.mean(), {"t_B": t_B, "loss_B": loss_B.detach()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from moedit.config import ObjectiveConfig
+from moedit.objectives.base import Objective
 from moedit.objectives.timesteps import sample_time, standard_normal
 
 
@@ -21,7 +22,7 @@ def _per_sample(t_B: torch.Tensor, like_BCHW: torch.Tensor) -> torch.Tensor:
     return t_B.view(-1, *([1] * (like_BCHW.ndim - 1)))
 
 
-class RectifiedFlow:
+class RectifiedFlow(Objective):
     prediction_kind = "velocity"
 
     def __init__(self, cfg: ObjectiveConfig | None = None):
@@ -43,16 +44,3 @@ class RectifiedFlow:
         t_B = sample_time(self.cfg, x0_BCHW.shape[0], x0_BCHW.device, generator)
         eps_BCHW = standard_normal(x0_BCHW.shape, x0_BCHW.device, generator)
         return self.interpolate(x0_BCHW, eps_BCHW, t_B), t_B, self.target(x0_BCHW, eps_BCHW, t_B)
-
-    def loss(self, model_fn, x0_BCHW: torch.Tensor, y_B: torch.Tensor,
-             generator: torch.Generator | None = None, pass_target: bool = False) -> tuple[torch.Tensor, dict]:
-        """Scalar MSE and info {"t_B", "loss_B"} (per-sample losses, detached, for loss-vs-t plots)."""
-        x_t_BCHW, t_B, v_BCHW = self.training_target(x0_BCHW.float(), generator)
-        # the model may run under bf16 autocast; the squared error is formed in float32
-        # pass_target: the model also sees the target, for per-layer regularisation heads (race)
-        extra = {"target": v_BCHW} if pass_target else {}
-        # the first C channels: a model with more outputs (DiT's learned sigma) keeps its extra ones untrained
-        pred_BCHW = model_fn(x_t_BCHW, t_B, y_B, **extra)[:, : v_BCHW.shape[1]]
-        err_BCHW = (pred_BCHW.float() - v_BCHW).square()
-        loss_B = err_BCHW.flatten(1).mean(1)
-        return loss_B.mean(), {"t_B": t_B, "loss_B": loss_B.detach()}
