@@ -50,7 +50,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 @dataclass(kw_only=True)
 class RouterConfig:
-    """Every router's settings (ROUTERS.md §2-5). A field a router does not use is ignored by it.
+    """Every router's settings (docs/ROUTING_MATH.md §2-5). A field a router does not use is ignored by it.
 
     `gate`, `score` and `threshold_decay` left null take the chosen router's own default (its class's
     DEFAULTS: e.g. race uses an MLP gate with identity scores), filled in when the config is built so
@@ -208,7 +208,7 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class DiagnosticsConfig:
-    """Routing monitor and failure detectors during training (docs/DIAGNOSTICS.md, ROUTERS.md §7).
+    """Routing monitor and failure detectors during training (docs/DIAGNOSTICS.md, docs/ROUTING_MATH.md §7).
     MoE models only; a dense model records nothing. Defaults fit the quickstart (1,500 steps)."""
 
     monitor: bool = True  # record routing to RUN/routing/ (measured ≈ 1.6% of a quickstart step, docs/DIAGNOSTICS.md)

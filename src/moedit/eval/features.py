@@ -2,7 +2,7 @@
 
 A LeNet-style CNN (after LeCun et al. 1998, "Gradient-based learning applied to document
 recognition", LeNet-5; here with ReLU, max-pooling and dropout in place of the original's squashing
-units and subsampling), one network per dataset, trained once by `benchmarks/train_feature_classifier.py`
+units and subsampling), one network per dataset, trained once by `scripts/train_feature_classifier.py`
 and shipped inside the package:
 
     h₁ = maxpool₂(relu(conv₅ₓ₅(x; 1 → C₁, pad 2)))      1×28×28 → C₁×14×14

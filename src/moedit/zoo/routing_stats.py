@@ -5,7 +5,7 @@ Over the last quarter of training (diagnostics/report.py `tail`), summed into on
 layer and then averaged over layers (top-1 share: the worst layer):
 
 - maxvio: max_e load_e / mean_e load_e − 1 over the configured routed experts (ProMoE's unconditional
-  expert, index E, serves only null-label tokens and is left out, as in benchmarks/compare_routers.py);
+  expert, index E, serves only null-label tokens and is left out, as in studies/compare_routers.py);
 - top1_share: share of tokens whose highest-scoring expert is the layer's most chosen one (deadlock ≥ 0.9);
 - entropy: normalised score entropy (1 = uniform scores);
 - homogenisation: mean pairwise cosine of the experts' outputs on the same probe tokens;

@@ -97,7 +97,7 @@ class ProMoERouter(Router):
     def _route_top1(self, x_ND, cos_NE, weights_NE, uncond_N) -> Routing:
         """k = 1 (the paper's setting): one assignment per token in token order, chosen with torch.where
         instead of splitting the tokens with nonzero(): the same routing without a host synchronisation.
-        Agrees with `_route` (tests/unit/test_routers_promoe.py)."""
+        Agrees with `_route` (tests/unit/test_routers_known_answers.py)."""
         N, E = x_ND.shape[0], self.num_experts
         top_N = cos_NE.detach().argmax(-1)
         expert_M = torch.where(uncond_N, E, top_N)

@@ -1,4 +1,4 @@
-"""Token-choice top-k routing — `topk` (ROUTERS.md §4.1).
+"""Token-choice top-k routing — `topk` (docs/ROUTING_MATH.md §4.1).
 
 Each token i keeps its k highest-scoring experts:
 
