@@ -479,7 +479,9 @@ def validate(cfg: Config) -> None:
     _validate_objective(cfg.objective)
     _validate_sample(cfg.sample, cfg.objective)
     _validate_train(cfg.train)
-    _choice(cfg.data.name, ("mnist", "fashion_mnist", "folder", "npz", "synthetic"), "data.name")
+    from moedit.data import DATASETS  # late, like every registry below: they import this module
+
+    _choice(cfg.data.name, DATASETS, "data.name")
     _positive(cfg.data, "data", ("image_size",), " (the resized side in pixels), or null for the native size")
     _validate_diagnostics(cfg.diagnostics)
 
@@ -498,11 +500,14 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.pos_embed=rope needs a head width (width/heads) divisible by 4")
     if m.pos_embed != "rope" and m.width % 4 != 0:  # sincos_2d splits width into 4 equal parts
         raise ConfigError(f"model.pos_embed={m.pos_embed} needs model.width divisible by 4, got {m.width}")
-    _choice(m.pos_embed, ("sincos", "sincos_wh", "rope"), "model.pos_embed")
+    from moedit.models.embed import POS_EMBEDS
+    from moedit.models.ffn import FFNS
+
+    _choice(m.pos_embed, POS_EMBEDS, "model.pos_embed")
     if m.out_channels is not None and m.out_channels < m.in_channels:
         raise ConfigError(f"model.out_channels={m.out_channels} must be at least model.in_channels="
                           f"{m.in_channels} (the prediction's first in_channels are used), or null")
-    _choice(m.ffn, ("mlp", "swiglu"), "model.ffn")
+    _choice(m.ffn, tuple(FFNS), "model.ffn")
     _positive(m, "model", ("mlp_ratio",), " (dense FFN hidden width = mlp_ratio · width), e.g. 4")
     if not 0.0 <= m.class_dropout < 1.0:
         raise ConfigError("model.class_dropout must be in [0, 1)")
@@ -511,9 +516,13 @@ def _validate_model(m: ModelConfig) -> None:
 
 
 def _validate_objective(o: ObjectiveConfig) -> None:
-    _choice(o.name, ("rectified_flow", "ddpm"), "objective.name")
-    _choice(o.t_sampling, ("uniform", "logit_normal"), "objective.t_sampling")
-    _choice(o.beta_schedule, ("linear", "cosine"), "objective.beta_schedule")
+    from moedit.objectives import OBJECTIVES
+    from moedit.objectives.ddpm import BETA_SCHEDULES
+    from moedit.objectives.timesteps import T_SAMPLERS
+
+    _choice(o.name, tuple(OBJECTIVES), "objective.name")
+    _choice(o.t_sampling, T_SAMPLERS, "objective.t_sampling")
+    _choice(o.beta_schedule, BETA_SCHEDULES, "objective.beta_schedule")
     _positive(o, "objective", ("logit_std",), " (the spread of the logit-normal t), e.g. 1")
     _positive(o, "objective", ("t_shift",), " (1 = no shift)")
     _at_least(o, "objective", ("ddpm_steps",), 1)
@@ -526,7 +535,11 @@ def _validate_objective(o: ObjectiveConfig) -> None:
 
 def _validate_sample(s: SampleConfig, o: ObjectiveConfig) -> None:
     """Checked with the training config, so a bad value fails before training, not after it."""
-    valid_samplers = ("euler", "heun") if o.name == "rectified_flow" else ("ddpm", "ddim")
+    from moedit.objectives import OBJECTIVES
+    from moedit.samplers import SAMPLERS
+
+    kind = OBJECTIVES[o.name].prediction_kind  # objective.name is checked before the sample section
+    valid_samplers = tuple(name for name, (_, needs) in SAMPLERS.items() if needs == kind)
     if s.sampler not in valid_samplers:
         raise ConfigError(
             f"sample.sampler={s.sampler!r} does not fit objective.name={o.name!r}; "
@@ -592,16 +605,18 @@ def _validate_diagnostics(d: DiagnosticsConfig) -> None:
 
 
 def _validate_moe(moe: MoEConfig) -> None:
+    from moedit.moe.dispatch import BACKENDS
+    from moedit.moe.gates import GATES, SCORES
     from moedit.moe.routers import ROUTERS
 
     _choice(moe.placement, ("all", "interleaved"), "model.moe.placement")
-    _choice(moe.backend, ("auto", "loop", "grouped", "fused"), "model.moe.backend")
+    _choice(moe.backend, BACKENDS, "model.moe.backend")
     _choice(moe.expert_layout, ("row", "col"), "model.moe.expert_layout")
     _choice(moe.router.name, tuple(ROUTERS), "model.moe.router.name")
     r = moe.router
     if r.gate is not None:  # null only for routers without a gate network (promoe: prototypes)
-        _choice(r.gate, ("linear", "mlp", "cross_attn"), "model.moe.router.gate")
-    _choice(r.score, ("softmax", "sigmoid", "identity"), "model.moe.router.score")
+        _choice(r.gate, tuple(GATES), "model.moe.router.gate")
+    _choice(r.score, tuple(SCORES), "model.moe.router.score")
     if moe.num_experts < 1:
         raise ConfigError("model.moe.num_experts must be at least 1")
     _positive(moe, "model.moe", ("expert_ratio",), " (expert hidden width = expert_ratio · model.width)")

@@ -26,9 +26,10 @@ LAYERS = [
     {"cli"},
 ]
 LAYER = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
-# config validates names against the registries they live in (routers, presets), importing them inside
-# functions only, when a config is built: the one upward edge, so that no name list is kept twice
-ALLOWED_UP = {("config", "moe"), ("config", "models")}
+# config validates names against the registries they live in (routers, gates, backends, presets, objectives,
+# samplers, datasets), importing them inside functions only, when a config is built: the one kind of upward
+# edge, so that no name list is kept twice
+ALLOWED_UP = {("config", pkg) for pkg in ("moe", "models", "objectives", "samplers", "data")}
 
 
 def _package(path: Path) -> str:

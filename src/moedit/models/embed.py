@@ -20,6 +20,8 @@ import math
 import torch
 from torch import nn
 
+POS_EMBEDS = ("sincos", "sincos_wh", "rope")  # model.pos_embed: the position schemes of the module docstring
+
 
 def timestep_features(t_B: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     half = dim // 2

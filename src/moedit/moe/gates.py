@@ -95,12 +95,15 @@ class Gate(nn.Module):
             return features_NF, linear_f32(self.net.head, features_NF)
 
 
+SCORES = {
+    "softmax": lambda logits_NE: torch.softmax(logits_NE, dim=-1),
+    "sigmoid": torch.sigmoid,
+    "identity": lambda logits_NE: logits_NE,
+}
+
+
 def score(logits_NE: torch.Tensor, kind: str) -> torch.Tensor:
     """Score function over experts (docs/ROUTING_MATH.md §3)."""
-    if kind == "softmax":
-        return torch.softmax(logits_NE, dim=-1)
-    if kind == "sigmoid":
-        return torch.sigmoid(logits_NE)
-    if kind == "identity":
-        return logits_NE
-    raise ValueError(f"score function {kind!r} is unknown; choose softmax, sigmoid or identity")
+    if kind not in SCORES:
+        raise ValueError(f"score function {kind!r} is unknown; choose one of: {', '.join(SCORES)}")
+    return SCORES[kind](logits_NE)

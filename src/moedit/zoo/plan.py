@@ -20,10 +20,11 @@ from pathlib import Path
 import yaml
 
 from moedit.config import Config, ConfigError, load_config
+from moedit.eval import features as fx
 from moedit.models.params import ParamCount, count_parameters
 
 PLAN_FILE = "zoo.json"
-DATASETS = ("mnist", "fashion_mnist")  # the datasets with a feature classifier (eval/features.py)
+DATASETS = fx.DATASETS  # the datasets with a feature classifier (eval/features.py)
 
 
 class ZooError(RuntimeError):
