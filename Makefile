@@ -41,7 +41,7 @@ conversion-study: env
 # thread each (run both at once on a 2-core CPU). MNIST's thin strokes need more steps than
 # Fashion-MNIST's shapes: 1000 steps evaluated at 250/500/750/1000 (~5 h), Fashion-MNIST 600 steps at
 # 200/400/600 (~3 h). Rerunning continues where it stopped. Fashion-MNIST needs the
-# `dataset-fashion-mnist` package (docs EVAL.md).
+# `dataset-fashion-mnist` package (docs/EVALUATION.md, "Data that works offline").
 zoo-mnist: env
 	OMP_NUM_THREADS=1 $(VENV)/bin/moedit zoo --out runs/zoo_mnist --datasets mnist --seeds 0 1 --steps 1000 --curve-points 4 --threads 1
 

@@ -1,4 +1,4 @@
-"""Train the domain classifier behind FD-LeNet / KID / precision-recall / class accuracy (docs EVAL.md).
+"""Train the domain classifier behind FD-LeNet / KID / precision-recall / class accuracy (docs/EVALUATION.md).
 
     python scripts/train_feature_classifier.py --dataset mnist
     python scripts/train_feature_classifier.py --dataset fashion_mnist
@@ -58,7 +58,7 @@ from moedit.utils.files import atomic_write
 
 DEFAULT_EPOCHS = {"mnist": 4, "fashion_mnist": 10}  # Fashion-MNIST keeps improving for longer
 WARMUP_STEPS = 100
-FD_N = 10_000  # FD orientation values use 10k vs 10k, as EVAL.md's
+FD_N = 10_000  # FD orientation values use 10k vs 10k, like the 10,000-image rows of docs/EVALUATION.md
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,7 +134,7 @@ def evaluate(model: LeNetClassifier, test: ImageDataset) -> dict:
 
 def fd_orientation(model: LeNetClassifier, dataset: str, train: ImageDataset, test: ImageDataset) -> dict:
     """FD-LeNet of the test split against references whose distance should be small or large, so a
-    reader of a sample's FD knows the scale (EVAL.md lists the same pairs)."""
+    reader of a sample's FD knows the scale (docs/EVALUATION.md, "What the metrics read for real images", lists the same pairs)."""
     gen = torch.Generator().manual_seed(12345)
     test_ND, _ = extract(model, test.batch(torch.arange(len(test)))[0])
     stats_test = feature_stats(test_ND)

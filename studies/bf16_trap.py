@@ -1,5 +1,5 @@
 """The bf16 trap on the quickstart model: pure bf16 weight storage loses router updates; each remedy
-restores them (ROUTERS.md §7, docs/PRECISION.md).
+restores them (docs/ROUTING_MATH.md §7.4, docs/PRECISION.md).
 
     PYTHONPATH=src python studies/bf16_trap.py                      # 200 steps, lr 2e-3 and 1e-4
     PYTHONPATH=src python studies/bf16_trap.py --steps 100 --lrs 2e-3

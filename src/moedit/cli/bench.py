@@ -1,4 +1,4 @@
-"""`moedit bench layer|model`: the speed benchmarks of moedit.bench (PERFORMANCE design document); prints
+"""`moedit bench layer|model`: the speed benchmarks of moedit.bench (docs/PERFORMANCE.md); prints
 a table and writes OUT.json + OUT.md. Benchmarks measure; tests never assert on their times."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`moedit eval RUN`: sample N images from a run's checkpoint and score them (docs EVAL.md); the work is
+"""`moedit eval RUN`: sample N images from a run's checkpoint and score them (docs/EVALUATION.md); the work is
 `moedit.eval.evaluate_run`, this file only parses arguments and prints the summary."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Dense → MoE conversion ("upcycling") under the Three Laws (ROUTERS.md §6; arXiv 2605.19378).
+"""Dense → MoE conversion ("upcycling") under the Three Laws (docs/ROUTING_MATH.md §6; arXiv 2605.19378).
 
 1. Every routed expert is an exact copy of the dense FFN it replaces — or, for fine-grained targets
    (expert hidden H_e < dense hidden H), one of S = H / H_e hidden slices scaled by S, expert e holding

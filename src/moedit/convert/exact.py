@@ -1,4 +1,4 @@
-"""When does a dense→MoE conversion reproduce the dense model exactly? (ROUTERS.md §6, docs/CONVERT.md)
+"""When does a dense→MoE conversion reproduce the dense model exactly? (docs/ROUTING_MATH.md §6, docs/CONVERT.md)
 
 After conversion every routed expert is the dense FFN f, or — fine-grained targets — one of S hidden
 slices of it scaled by S: with f(x) = Σ_s f_s(x) + b2 over S = H_dense / H_e slices,

@@ -1,4 +1,4 @@
-"""Evaluating a trained run by the protocol of docs EVAL.md: sample N images from a checkpoint, score
+"""Evaluating a trained run by the protocol of docs/EVALUATION.md: sample N images from a checkpoint, score
 them against the dataset's test split, write the numbers with everything that made them.
 
     RUN/config.yaml (+ sample.* overrides) ─► checkpoint (latest or given) ─► EMA (default) or raw weights
@@ -55,7 +55,7 @@ from moedit.utils.images import save_grid
 
 DEFAULT_METRICS = ("fd_lenet", "kid_lenet", "precision_recall_lenet", "class_accuracy")
 PR_K = 3
-REFERENCE_SPLITS = ("test", "train")  # the splits both classified datasets have; EVAL.md scores against test
+REFERENCE_SPLITS = ("test", "train")  # the splits both classified datasets have; docs/EVALUATION.md scores against test
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
 EVAL_JSON, CACHE_NAME, GRID_NAME = "eval.json", "samples.npz", "grid.png"
 # keys of eval.json that decide its numbers besides EvalSettings: another value means another evaluation
@@ -83,7 +83,7 @@ def _check_scorable(cfg: Config) -> None:
     """Only data with a shipped classifier can be scored, at the classifier's 1×28×28."""
     if cfg.data.name not in fx.DATASETS:
         raise EvalError(f"the run trained on data.name={cfg.data.name!r}, which has no domain classifier; "
-                        f"evaluation supports: {', '.join(fx.DATASETS)} (docs EVAL.md)")
+                        f"evaluation supports: {', '.join(fx.DATASETS)} (docs/EVALUATION.md)")
     m = cfg.model
     if (m.in_channels, m.image_size) != fx.IMAGE_SHAPE[:2] or m.num_classes < fx.NUM_CLASSES:
         raise EvalError(f"the {cfg.data.name} classifier scores 1x28x28 images of {fx.NUM_CLASSES} classes, but the "

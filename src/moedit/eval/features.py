@@ -40,7 +40,7 @@ NUM_CLASSES = 10
 CONV_CHANNELS = (16, 32)  # C₁, C₂: 117k parameters, a 0.5 MB file, 25-30 s per epoch on one core
 FEATURE_DIM = 128  # D
 DROPOUT = 0.3  # on φ, training only
-TRAIN_SCRIPT = "benchmarks/train_feature_classifier.py"
+TRAIN_SCRIPT = "scripts/train_feature_classifier.py"
 
 
 class FeatureClassifierError(RuntimeError):
