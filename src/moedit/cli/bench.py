@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moedit.utils.files import atomic_write_text
+
 HELP = ("time one MoE layer (vs dense FFN and peer loops), whole training steps or sampling "
         "(dense vs MoE per router)")
 
@@ -41,8 +43,8 @@ def run(args) -> int:
         table = model_markdown(result)
     out = Path(args.out or f"benchmarks/results/{args.what}_{result['meta']['preset']}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(table)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out.with_suffix(".md"), table)
     print(table)
     print(f"wrote {out}.json and {out}.md")
     from moedit.bench.report import failures

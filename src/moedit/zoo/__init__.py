@@ -21,6 +21,7 @@ from moedit.zoo.plan import (DATASETS, PLAN_FILE, Claim, ZooEntry, ZooError, Zoo
 from moedit.zoo.report import markdown, plot_curves
 from moedit.zoo.routing_stats import routing_stats
 from moedit.zoo.runner import RESULT, run_one
+from moedit.utils.files import atomic_write_text
 
 __all__ = ["DATASETS", "ZooEntry", "ZooError", "ZooRun", "ZooSettings", "run_zoo", "write_report"]
 
@@ -74,13 +75,13 @@ def write_report(root: str | Path, entry_order: Sequence[str] = (), claims: Sequ
             if row["model"].get("moe"):
                 row["routing"] = routing_stats(path.parent, row["model"]["moe"]["num_experts"],
                                                row["model"]["num_classes"])
-                path.write_text(json.dumps(row, indent=1) + "\n")
+                atomic_write_text(path, json.dumps(row, indent=1) + "\n")
     order = {name: i for i, name in enumerate(entry_order)}
     rows.sort(key=lambda r: (DATASETS.index(r["dataset"]) if r["dataset"] in DATASETS else 99,
                              order.get(r["entry"], len(order)), r["entry"], r["seed"]))
     where = machine(settings.get("threads"))
-    (root / REPORT_JSON).write_text(json.dumps({"settings": settings, "machine": where, "rows": rows}, indent=1))
-    (root / REPORT_MD).write_text(markdown(rows, settings, where, claims))
+    atomic_write_text(root / REPORT_JSON, json.dumps({"settings": settings, "machine": where, "rows": rows}, indent=1))
+    atomic_write_text(root / REPORT_MD, markdown(rows, settings, where, claims))
     if rows:
         plot_curves(rows, root / PLOT)
     return rows

@@ -22,6 +22,7 @@ import yaml
 from moedit.config import Config, ConfigError, load_config
 from moedit.eval import features as fx
 from moedit.models.params import ParamCount, count_parameters
+from moedit.utils.files import atomic_write_text
 
 PLAN_FILE = "zoo.json"
 DATASETS = fx.DATASETS  # the datasets with a feature classifier (eval/features.py)
@@ -187,4 +188,4 @@ def check_or_write_plan(root: Path, settings: ZooSettings) -> None:
                            f"settings, or choose another --out. Nothing was changed.")
         return
     root.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(mine, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(mine, indent=1) + "\n")
