@@ -18,10 +18,16 @@ def layer_markdown(result: dict) -> str:
         if r.get("failed"):
             lines.append(f"{where} failed: {_cell(r['failed'])} | — | — | — |")
             continue
-        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "—"
-        ratio = f"{r['ratio_to_dense']:.2f}" if r["ratio_to_dense"] is not None else "—"
+        peak, ratio = _peak_and_ratio(r)
         lines.append(f"{where} {r['ms']:.2f} | {r['tflops']:.3g} | {ratio} | {peak} |")
     return "\n".join(lines) + "\n"
+
+
+def _peak_and_ratio(row: dict) -> tuple[str, str]:
+    """The peak-memory and ×-dense cells ("—" where not measured: CPU memory, the dense row itself)."""
+    peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "—"
+    ratio = f"{row['ratio_to_dense']:.2f}" if row["ratio_to_dense"] is not None else "—"
+    return peak, ratio
 
 
 def _cell(text: str) -> str:
@@ -43,7 +49,6 @@ def model_markdown(result: dict) -> str:
         if r.get("failed"):
             lines.append(f"| {r['variant']} | failed: {_cell(r['failed'])} | — | — | — | — |")
             continue
-        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "—"
-        ratio = f"{r['ratio_to_dense']:.2f}" if r["ratio_to_dense"] is not None else "—"
+        peak, ratio = _peak_and_ratio(r)
         lines.append(f"| {r['variant']} | {r['ms']:.1f} | {r['img_per_s']:.1f} | {ratio} | {peak} | {r['params'] / 1e6:.1f}M |")
     return "\n".join(lines) + "\n"
