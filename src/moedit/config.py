@@ -63,7 +63,8 @@ class RouterConfig:
     gate_heads: int = 1  # cross_attn gate heads
     score: str | None = None  # softmax | sigmoid | identity; null = the router's default
     top_k: int = 2  # experts per token (topk, promoe); average experts per token (race)
-    normalize: bool = False  # renormalise the kept k weights to sum to 1
+    normalize: bool = False  # renormalise the kept k weights to sum to 1 (only when top_k > 1, as the peers)
+    normalize_top1: bool = False  # topk: renormalise a single kept weight too (exact top-1 conversion; see topk.py)
     scale: float = 1.0  # DeepSeek routed_scaling_factor
     selection_bias: bool = False  # auxiliary-loss-free balancing bias (selection only)
     bias_update_rate: float = 1e-3  # gamma in b += gamma * sign(mean_load - load_e)
@@ -109,6 +110,7 @@ class ModelConfig:
     num_classes: int = 10
     class_dropout: float = 0.1  # label -> null class with this probability in training (CFG)
     pos_embed: str = "sincos"  # sincos (rows first) | sincos_wh (columns first: facebookresearch/DiT) | rope
+    rope_pairing: str = "adjacent"  # rope: adjacent (x_2j, x_2j+1) | rotate_half (x_j, x_j+d/4; DSMoE) (models/embed.py)
     # prediction channels; None = in_channels. More (DiT's learned sigma: 2·in_channels) are kept in the
     # output, and objectives and samplers use the first in_channels (docs/CONVERT.md)
     out_channels: int | None = None
@@ -140,6 +142,9 @@ class SampleConfig:
     steps: int = 50
     cfg_scale: float = 1.0  # 1 = no guidance
     cfg_interval: list[float] | None = None  # [t_lo, t_hi]: guide only for t in this interval
+    # guide only the first N predicted channels, the others keep the conditional prediction; null = all.
+    # facebookresearch/DiT's sampling guides 3 of its 4 latent channels: 3 reproduces it (docs/CONVERT.md)
+    cfg_channels: int | None = None
     per_class: int = 8  # grid columns: samples per class row
     use_ema: bool = True
     seed: int = 0
@@ -477,7 +482,7 @@ def validate(cfg: Config) -> None:
     floats never get here: `_convert` refuses them for every field.)"""
     _validate_model(cfg.model)
     _validate_objective(cfg.objective)
-    _validate_sample(cfg.sample, cfg.objective)
+    _validate_sample(cfg.sample, cfg.objective, cfg.model.in_channels)
     _validate_train(cfg.train)
     from moedit.data import DATASETS  # late, like every registry below: they import this module
 
@@ -500,10 +505,11 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.pos_embed=rope needs a head width (width/heads) divisible by 4")
     if m.pos_embed != "rope" and m.width % 4 != 0:  # sincos_2d splits width into 4 equal parts
         raise ConfigError(f"model.pos_embed={m.pos_embed} needs model.width divisible by 4, got {m.width}")
-    from moedit.models.embed import POS_EMBEDS
+    from moedit.models.embed import POS_EMBEDS, ROPE_PAIRINGS
     from moedit.models.ffn import FFNS
 
     _choice(m.pos_embed, POS_EMBEDS, "model.pos_embed")
+    _choice(m.rope_pairing, ROPE_PAIRINGS, "model.rope_pairing")
     if m.out_channels is not None and m.out_channels < m.in_channels:
         raise ConfigError(f"model.out_channels={m.out_channels} must be at least model.in_channels="
                           f"{m.in_channels} (the prediction's first in_channels are used), or null")
@@ -533,7 +539,7 @@ def _validate_objective(o: ObjectiveConfig) -> None:
           f"must not exceed objective.beta_end={o.beta_end} (the linear schedule rises from start to end)")
 
 
-def _validate_sample(s: SampleConfig, o: ObjectiveConfig) -> None:
+def _validate_sample(s: SampleConfig, o: ObjectiveConfig, in_channels: int) -> None:
     """Checked with the training config, so a bad value fails before training, not after it."""
     from moedit.objectives import OBJECTIVES
     from moedit.samplers import SAMPLERS
@@ -546,6 +552,8 @@ def _validate_sample(s: SampleConfig, o: ObjectiveConfig) -> None:
             f"choose one of: {', '.join(valid_samplers)}"
         )
     _at_least(s, "sample", ("steps", "per_class"), 1)
+    _need(s.cfg_channels is None or 1 <= s.cfg_channels <= in_channels, "sample.cfg_channels", s.cfg_channels,
+          f"must be between 1 and model.in_channels={in_channels} (the channels guided), or null for all")
     if s.cfg_interval is None:
         return
     if len(s.cfg_interval) != 2:

@@ -37,7 +37,7 @@ def generate(model: torch.nn.Module, objective, cfg: SampleConfig, y_B: torch.Te
     model_fn = _model_fn(model, amp_dtype)
     if cfg.cfg_scale != 1.0:
         interval = tuple(cfg.cfg_interval) if cfg.cfg_interval is not None else None
-        model_fn = classifier_free_guidance(model_fn, cfg.cfg_scale, model.null_label, interval)
+        model_fn = classifier_free_guidance(model_fn, cfg.cfg_scale, model.null_label, interval, cfg.cfg_channels)
     sampler = build_sampler(cfg.sampler, objective)
     out = []
     for start in range(0, len(y_B), max_batch):

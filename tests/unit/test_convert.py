@@ -60,7 +60,7 @@ def convert_and_verify(dense, moe_settings, **kw):
 
 
 @pytest.mark.parametrize("settings", [
-    moe(name="topk", top_k=1, normalize=True),
+    moe(name="topk", top_k=1, normalize=True, normalize_top1=True),
     moe(name="topk", top_k=2, normalize=True),
     moe(name="topk", top_k=2, normalize=True, score="sigmoid", num_shared=1),
     moe(name="topk", top_k=4, score="softmax"),  # all experts kept: the softmax sums to 1
@@ -363,7 +363,7 @@ def test_cli_imports_a_dit_training_checkpoint(tmp_path, capsys):
     torch.save({"model": {k: v + 1 for k, v in sd.items()}, "ema": sd, "opt": {}, "args": argparse.Namespace(a=1)},
                path)
     moe_yaml = tmp_path / "moe.yaml"
-    moe_yaml.write_text(yaml.safe_dump({"model": {"moe": moe(top_k=1, normalize=True)}}))
+    moe_yaml.write_text(yaml.safe_dump({"model": {"moe": moe(top_k=1, normalize=True, normalize_top1=True)}}))
     out = tmp_path / "imported"
     assert cli_main(["convert", str(path), "--out", str(out), "--moe", str(moe_yaml), "--heads", "2",
                      "--learn-sigma", "drop", "--verify"]) == 0

@@ -332,10 +332,13 @@ def test_diffmoe_training_global_pool_bce_and_threshold() -> None:
         assert w == pytest.approx(scores[i, e].item(), rel=1e-6)
     pred = router.predictor(x)
     torch.testing.assert_close(routing.aux["capacity"], F.binary_cross_entropy_with_logits(pred, mask))
-    assert router.threshold.value_X.tolist() == [0.5] * E  # initial value before any update
+    assert router.threshold.value_X.tolist() == [0.0] * E  # DiffMoE's threshold starts at 0 ...
     router.after_optimizer_step()
     kth = torch.sigmoid(pred.detach()).topk(C, dim=0).values[-1]
-    torch.testing.assert_close(router.threshold.value_X, kth)
+    torch.testing.assert_close(router.threshold.value_X, 0.05 * kth)  # ... and blends in 5% of each step's value
+    router.threshold.observe(kth)
+    router.after_optimizer_step()
+    torch.testing.assert_close(router.threshold.value_X, 0.95 * 0.05 * kth + 0.05 * kth)
     # eval: exactly {(i, e): σ(pred)_ie > θ_e}, any number per expert, weights = gate scores
     router.eval()
     x_eval = torch.randn(10, E, generator=gen)

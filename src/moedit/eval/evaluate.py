@@ -344,7 +344,8 @@ def _settings(run: Run, n: int, seed: int, batch_size: int, weights: str, weight
               device: torch.device, amp_dtype: torch.dtype | None) -> EvalSettings:
     s = run.cfg.sample
     return EvalSettings(n=n, num_classes=fx.NUM_CLASSES, seed=seed, batch_size=batch_size, sampler=s.sampler,
-                        steps=s.steps, cfg_scale=s.cfg_scale, cfg_interval=s.cfg_interval, weights=weights,
+                        steps=s.steps, cfg_scale=s.cfg_scale, cfg_interval=s.cfg_interval,
+                        cfg_channels=s.cfg_channels, weights=weights,
                         checkpoint_step=run.step, weights_sha256=weights_sha, device_type=device.type,
                         precision="bf16" if amp_dtype == torch.bfloat16 else "fp32")
 
@@ -364,11 +365,13 @@ def default_out_dir(run: Run, settings: EvalSettings) -> Path:
     if settings.weights == "raw":
         name += "_raw"
     r = run.trained_cfg.sample
-    if (settings.sampler, settings.steps, settings.cfg_scale, settings.cfg_interval) != (
-            r.sampler, r.steps, r.cfg_scale, r.cfg_interval):
+    if (settings.sampler, settings.steps, settings.cfg_scale, settings.cfg_interval, settings.cfg_channels) != (
+            r.sampler, r.steps, r.cfg_scale, r.cfg_interval, r.cfg_channels):
         name += f"_{settings.sampler}{settings.steps}_cfg{settings.cfg_scale:g}"
         if settings.cfg_interval is not None:
             name += "_t{:g}-{:g}".format(*settings.cfg_interval)
+        if settings.cfg_channels is not None:
+            name += f"_ch{settings.cfg_channels}"
     return run.run_dir / "eval" / name
 
 

@@ -65,14 +65,20 @@ class EvalSettings:
     device_type: str  # "cpu" | "cuda" | ...: the same seed rounds differently per device
     precision: str  # "fp32" | "bf16" (autocast while sampling)
     cache_format: int = field(default=CACHE_FORMAT)
+    cfg_channels: int | None = None  # guided channels (null = all); left out of as_dict when null
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The settings as stored with a cache; `cfg_channels` only when set, so that caches written before
+        the option existed (all channels guided) still match their settings."""
+        d = asdict(self)
+        if d["cfg_channels"] is None:
+            del d["cfg_channels"]
+        return d
 
     def sample_config(self, seed: int) -> SampleConfig:
         interval = list(self.cfg_interval) if self.cfg_interval is not None else None
         return SampleConfig(sampler=self.sampler, steps=self.steps, cfg_scale=self.cfg_scale,
-                            cfg_interval=interval, seed=seed)
+                            cfg_interval=interval, cfg_channels=self.cfg_channels, seed=seed)
 
 
 def check_balanced(n: int, num_classes: int) -> None:

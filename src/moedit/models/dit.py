@@ -111,7 +111,7 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout)
         columns_first = cfg.pos_embed == "sincos_wh"  # facebookresearch/DiT's channel order (embed.py)
         self.register_buffer("pos_embed", sincos_2d(D, self.grid, columns_first)[None], persistent=False)
-        rope = Rope2D(D // cfg.heads, self.grid) if cfg.pos_embed == "rope" else None
+        rope = Rope2D(D // cfg.heads, self.grid, pairing=cfg.rope_pairing) if cfg.pos_embed == "rope" else None
         moe_at = set(moe_block_indices(cfg))
         self.blocks = nn.ModuleList(DiTBlock(cfg, i in moe_at, rope) for i in range(cfg.depth))
         self.final_layer = FinalLayer(D, p, self.out_channels)

@@ -9,8 +9,13 @@
   facebookresearch/DiT's get_2d_sincos_pos_embed (np.meshgrid(grid_w, grid_h) puts w first), so
   checkpoints trained with it import exactly (docs/CONVERT.md). Each half is [sin, cos] of
   pos·10000^(−j/(D/4)), j < D/4, over tokens in row-major order.
-- RoPE 2-D: the head dimension is split in two halves rotated by row and by column position
-  (as in the EfficientMoE recipe, arXiv 2512.01252, and FiT/Lumina), applied to q and k.
+- RoPE 2-D: the head dimension is split in two halves rotated by row (first half) and by column
+  position (second half), applied to q and k, with frequencies θ^(−j/(d/4)), j < d/4, per axis (as in
+  the EfficientMoE recipe, arXiv 2512.01252, and FiT/Lumina). `model.rope_pairing` says which channels
+  rotate together inside each half of width d/2: `adjacent` (x_{2j}, x_{2j+1}), GPT-J style, moedit's
+  default; `rotate_half` (x_j, x_{j+d/4}), GPT-NeoX style, the recipe's released code (DSMoE). The two
+  are the same up to a fixed permutation of head channels: equally expressive, but a checkpoint's
+  attention weights port only with its own pairing.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 
 POS_EMBEDS = ("sincos", "sincos_wh", "rope")  # model.pos_embed: the position schemes of the module docstring
+ROPE_PAIRINGS = ("adjacent", "rotate_half")  # model.rope_pairing
 
 
 def timestep_features(t_B: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -77,11 +83,26 @@ def sincos_2d(width: int, grid: int, columns_first: bool = False) -> torch.Tenso
     return torch.cat(halves[::-1] if columns_first else halves, dim=1).float()
 
 
-class Rope2D(nn.Module):
-    """Rotary embedding over a grid×grid token layout; rotates pairs (x[2j], x[2j+1])."""
+def rope_pair_order(head_dim: int, pairing: str) -> torch.Tensor | None:
+    """Channel order that lists each rotated pair's two channels next to each other, angle by angle (row
+    angles first, then column angles); None for `adjacent`, whose pairs are already (2j, 2j+1)."""
+    if pairing == "adjacent":
+        return None
+    if pairing != "rotate_half":
+        raise ValueError(f"model.rope_pairing={pairing!r} is unknown; choose one of: {', '.join(ROPE_PAIRINGS)}")
+    half, quarter = head_dim // 2, head_dim // 4
+    first_P = torch.cat([torch.arange(quarter), half + torch.arange(quarter)])  # x_j in the row, then column half
+    return torch.stack([first_P, first_P + quarter], dim=1).reshape(-1)  # ... paired with x_{j+d/4}
 
-    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0):
+
+class Rope2D(nn.Module):
+    """Rotary embedding over a grid×grid token layout; pairs by `pairing` (module docstring)."""
+
+    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0, pairing: str = "adjacent"):
         super().__init__()
+        order = rope_pair_order(head_dim, pairing)
+        self.register_buffer("order_d", order, persistent=False)
+        self.register_buffer("inverse_d", None if order is None else torch.argsort(order), persistent=False)
         quarter = head_dim // 4
         freqs_Q = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float64) / quarter)
         coords = torch.arange(grid, dtype=torch.float64)
@@ -91,8 +112,13 @@ class Rope2D(nn.Module):
         self.register_buffer("sin_LP", torch.sin(angles_LP).float(), persistent=False)
 
     def forward(self, x_BHLd: torch.Tensor) -> torch.Tensor:
-        x_pairs = x_BHLd.float().unflatten(-1, (-1, 2))
+        x = x_BHLd.float()
+        if self.order_d is not None:
+            x = x.index_select(-1, self.order_d)
+        x_pairs = x.unflatten(-1, (-1, 2))
         a, b = x_pairs[..., 0], x_pairs[..., 1]
         cos, sin = self.cos_LP, self.sin_LP
-        rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
-        return rotated.flatten(-2).to(x_BHLd.dtype)
+        rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+        if self.inverse_d is not None:
+            rotated = rotated.index_select(-1, self.inverse_d)
+        return rotated.to(x_BHLd.dtype)

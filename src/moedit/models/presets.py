@@ -57,10 +57,11 @@ def _race_dit(size: str) -> dict:
 
 def _dit_moe(size: str, experts: int) -> dict:
     """DiT-MoE "nE2A": every block MoE, SwiGLU experts of width 4D, softmax top-2 (no renormalisation),
-    one always-on SwiGLU expert of width 2D (the released code's `n_shared_experts = 2` sets its width)."""
+    one always-on SwiGLU expert of width 2D (the released code's `n_shared_experts = 2` sets its width);
+    positions by facebookresearch/DiT's columns-first sin-cos table, which DiT-MoE's code reuses."""
     moe = dict(num_experts=experts, expert_ratio=4.0, num_shared=1, shared_ratio=2.0, placement="all",
                router=dict(name="topk", score="softmax", top_k=2))
-    return {**_latent_dit(size), "ffn": "swiglu", "moe": moe}
+    return {**_latent_dit(size), "ffn": "swiglu", "pos_embed": "sincos_wh", "moe": moe}
 
 
 def _diffmoe(size: str, experts: int) -> dict:
@@ -87,7 +88,8 @@ _DSMOE = {
 def _dsmoe(depth: int, width: int, heads: int, experts: int, top_k: int, hidden: int, scale: float,
            groups: int) -> dict:
     """DSMoE (DeepSeek-style): SwiGLU routed experts plus one shared SwiGLU expert of the same width in
-    the odd blocks; sigmoid scores, selection-only bias, top-k renormalised then scaled; 2-D RoPE.
+    the odd blocks; sigmoid scores, selection-only bias, top-k renormalised then scaled; 2-D RoPE with
+    the released code's rotate-half pairing.
     The released dense blocks use a SiLU MLP of width 4D (8D² weights); moedit's `ffn` covers dense
     and expert FFNs alike, so they become SwiGLU of width 8D/3 — the same 8D² weights."""
     router = dict(name="topk", score="sigmoid", top_k=top_k, normalize=True, scale=scale, selection_bias=True,
@@ -95,7 +97,7 @@ def _dsmoe(depth: int, width: int, heads: int, experts: int, top_k: int, hidden:
     moe = dict(num_experts=experts, expert_ratio=hidden / width, num_shared=1, shared_ratio=hidden / width,
                placement="interleaved", router=router)
     return dict(depth=depth, width=width, heads=heads, patch_size=2, **_IMAGENET_LATENT_256,
-                pos_embed="rope", ffn="swiglu", mlp_ratio=8 / 3, moe=moe)
+                pos_embed="rope", rope_pairing="rotate_half", ffn="swiglu", mlp_ratio=8 / 3, moe=moe)
 
 
 def _paper_presets() -> dict[str, dict]:

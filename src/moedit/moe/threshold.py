@@ -5,8 +5,9 @@ router observes the batch value of its threshold at every forward (τ_batch, or 
 largest predictor probability); after each optimizer step the values observed over the step are
 averaged — summed across data-parallel ranks by the caller's `reduce_fn` — and folded in once:
 
-    v ← mean_step                      at the first update
-    v ← β · v + (1 − β) · mean_step    afterwards
+    v ← mean_step                      at the first update (first="take": Race-DiT's τ̂)
+    v ← β · v + (1 − β) · mean_step    afterwards, and from the start with first="blend" (DiffMoE's θ_e,
+                                       which starts at 0 and always blends, as DiffMoE's code)
 
 so every rank holds the same threshold. Nothing is observed in eval(); the threshold is a buffer,
 saved with the model and copied into the EMA model.
@@ -21,9 +22,11 @@ from torch import nn
 
 
 class StepThreshold(nn.Module):
-    def __init__(self, size: int, decay: float, initial: float = 0.0):
+    def __init__(self, size: int, decay: float, initial: float = 0.0, first: str = "take"):
         super().__init__()
-        self.decay = decay
+        if first not in ("take", "blend"):
+            raise ValueError(f"first={first!r}: the first update either takes the step's value or blends it in")
+        self.decay, self.first = decay, first
         self.register_buffer("value_X", torch.full((size,), float(initial)))
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
         # what the current optimizer step observed; zero between steps, so not saved
@@ -46,7 +49,10 @@ class StepThreshold(nn.Module):
             packed = reduce_fn(packed)
         mean_X = packed[:-1] / packed[-1]
         blended_X = self.decay * self.value_X + (1 - self.decay) * mean_X
-        self.value_X.copy_(torch.where(self.updates == 0, mean_X, blended_X))
+        if self.first == "blend":
+            self.value_X.copy_(blended_X)
+        else:
+            self.value_X.copy_(torch.where(self.updates == 0, mean_X, blended_X))
         self.updates += 1
         self.step_sum_X.zero_()
         self.step_count.zero_()

@@ -34,6 +34,7 @@ from moedit.distributed import setup as dist_setup
 from moedit.distributed.setup import all_reduce_sum, init_distributed, wrap_data_parallel
 from moedit.generate import save_class_grid
 from moedit.models import build_model
+from moedit.moe.routers import router_class
 from moedit.objectives import build_objective
 from moedit.train import checkpoint as ckpt
 from moedit.diagnostics.monitor import build_monitor
@@ -128,6 +129,9 @@ class Trainer:
 
     def _build(self, resume: bool, start_if_empty: bool) -> None:
         cfg, tc = self.cfg, self.cfg.train
+        if cfg.model.moe is not None and self.dist.is_main:
+            for warning in router_class(cfg.model.moe.router.name).config_warnings(cfg.model.moe):
+                tqdm.write(f"warning: {warning}")
         latest = self._check_run_dir(resume, start_if_empty)
         torch.manual_seed(cfg.seed + self.dist.rank)
         self.dataset = build_dataset(cfg.data)

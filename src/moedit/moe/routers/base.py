@@ -15,6 +15,7 @@ training target's width p²·C, for routers with a target head) and returns a `R
 - conversion_exactness(moe, slices, zero_gate): whether a dense→MoE conversion with this router
   reproduces the dense model to float tolerance, and why (docs/ROUTING_MATH.md §6; docs/CONVERT.md);
 - describe(cfg): its settings in one line, for logs;
+- config_warnings(moe): settings that run but probably do not do what was meant, printed at the start;
 - wants_target: whether its forward uses the training target (Race's per-layer regularisation head);
 - after_optimizer_step(reduce_fn): statistics taken over an optimizer step (a selection bias, an EMA
   threshold), reduced across data-parallel ranks by `reduce_fn`.
@@ -53,6 +54,12 @@ class Router(nn.Module):
     @classmethod
     def describe(cls, cfg: RouterConfig) -> str:
         return f"top_k={cfg.top_k} score={cfg.score}"
+
+    @classmethod
+    def config_warnings(cls, moe: MoEConfig) -> list[str]:
+        """Settings that run but probably do not do what was meant (e.g. a weight that cannot train);
+        the trainer prints each once at the start."""
+        return []
 
     @property
     def wants_target(self) -> bool:

@@ -6,17 +6,19 @@ Training (`train()`): the pool is all N tokens of the local batch. With s = soft
     C = clamp(⌊capacity · N / E⌋, 1, N)        capacity defaults to top_k
     T_e = top-C_{i ∈ [N]} s_{i,e},  M_{i,e} = [i ∈ T_e],  w_{i,e} = s_{i,e}
 
-A capacity predictor P (2-layer MLP D→D→E, GELU, on the *detached* tokens, so it never steers the
-backbone) learns the selection: aux `capacity` = BCE-with-logits(P(x), M). Each expert keeps a
-threshold θ_e, an EMA (decay 0.95) of the C-th largest σ(P(x))_{·,e} of each batch (moe/threshold.py;
-averaged across data-parallel ranks).
+A capacity predictor P (2-layer MLP D→D→E with SiLU between, as DiffMoE's code, on the *detached*
+tokens, so it never steers the backbone) learns the selection: aux `capacity` = BCE-with-logits(P(x), M).
+Each expert keeps a threshold θ_e that starts at 0 and blends in 5% (decay 0.95) of the C-th largest
+σ(P(x))_{·,e} of each training step, as DiffMoE's code does at each training forward
+(moe/threshold.py: once per optimizer step, from the step's mean over micro-batches and data-parallel
+ranks — the same update with one micro-batch on one process).
 
 Inference (`eval()`), dynamic and batch-independent: expert e takes every token whose predicted
 probability exceeds its threshold, M_{i,e} = [σ(P(x_i))_e > θ_e], with the gate score as weight.
 [choice] The paper ranks tokens by gate score inside a predicted per-batch capacity; a per-token
 threshold is the form that keeps a sample's output independent of its batch (CFG doubles the batch),
 so it is the one implemented. Compute per sample varies with the input. Before the first optimizer
-step θ_e = 0.5.
+step θ_e = 0 (every token to every expert, as DiffMoE's untrained threshold).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class CapacityPredictor(nn.Module):
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         # float32 outside autocast, like the gate; detached input: the BCE trains the predictor only
         with torch.autocast(x_ND.device.type, enabled=False):
-            return linear_f32(self.fc2, F.gelu(linear_f32(self.fc1, x_ND.detach())))
+            return linear_f32(self.fc2, F.silu(linear_f32(self.fc1, x_ND.detach())))
 
 
 class DiffMoERouter(Router):
@@ -67,7 +69,7 @@ class DiffMoERouter(Router):
         self.num_experts, self.cfg = num_experts, cfg
         self.gate = Gate(width, num_experts, cfg)
         self.predictor = CapacityPredictor(width, cfg.predictor_hidden or width, num_experts)
-        self.threshold = StepThreshold(num_experts, cfg.threshold_decay, initial=0.5)
+        self.threshold = StepThreshold(num_experts, cfg.threshold_decay, initial=0.0, first="blend")
 
     def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> Routing:
         N, E = x_ND.shape[0], self.num_experts

@@ -3,7 +3,13 @@
 Each token i keeps its k highest-scoring experts:
 
     S = gate(x) ∈ R^{N×E},  s = score(S) ∈ {softmax, sigmoid, identity}
-    K_i = top-k_e (s_ie + b_e),     w_ie = scale · s_ie / (Σ_{f∈K_i} s_if if normalize else 1)
+    K_i = top-k_e (s_ie + b_e),     w_ie = scale · s_ie / (Σ_{f∈K_i} s_if if renormalised else 1)
+
+renormalised = normalize and k > 1, as DiT-MoE (arXiv 2407.11633) and DSMoE (arXiv 2512.01252) do: one
+renormalised weight would be the constant `scale`, through which the gate gets no gradient from the
+output (it would learn only from auxiliary losses). `normalize_top1: true` renormalises a single weight
+anyway — [choice] kept for one reason: it makes a top-1 dense→MoE conversion exact (weight ≡ 1); the
+trainer warns that the gate then cannot learn from the output.
 
 b ∈ R^E is the optional selection-only bias of DeepSeek-V3's auxiliary-loss-free balancing
 (Wang et al., arXiv 2408.15664; DeepSeek-V3, arXiv 2412.19437 §2.1.2): it changes which experts are
@@ -49,6 +55,18 @@ class TopKRouter(Router):
     def describe(cls, cfg: RouterConfig) -> str:
         return f"top_k={cfg.top_k} score={cfg.score} normalize={cfg.normalize}"
 
+    @classmethod
+    def config_warnings(cls, moe: MoEConfig) -> list[str]:
+        r = moe.router
+        if r.top_k == 1 and r.normalize and r.normalize_top1:
+            return ["model.moe.router.normalize_top1=true renormalises the single kept weight to the constant "
+                    f"scale={r.scale:g}: the gate gets no gradient from the output and learns only through "
+                    "auxiliary losses (set it false unless you need an exact top-1 conversion)"]
+        if r.top_k == 1 and r.normalize:
+            return ["model.moe.router.normalize=true has no effect with top_k=1 (as in DiT-MoE and DSMoE): the "
+                    "weight stays the gate's score, so the gate learns from the output"]
+        return []
+
     def __init__(self, width: int, num_experts: int, cfg: RouterConfig, target_dim: int | None = None):
         super().__init__()
         self.num_experts, self.cfg = num_experts, cfg
@@ -69,7 +87,7 @@ class TopKRouter(Router):
             select_NE = limit_to_groups(select_NE, self.cfg.num_groups, self.cfg.top_groups)
         expert_NK = select_NE.topk(k, dim=-1).indices
         weight_NK = scores_NE.gather(1, expert_NK)
-        if self.cfg.normalize:
+        if renormalises(self.cfg):
             weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True).clamp_min(1e-9)
         weight_NK = weight_NK * self.cfg.scale
         expert_M = expert_NK.reshape(-1)
@@ -96,6 +114,11 @@ class TopKRouter(Router):
         load_E = reduce_fn(self.step_load_E.clone()) if reduce_fn is not None else self.step_load_E
         self.bias_E += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
         self.step_load_E.zero_()
+
+
+def renormalises(cfg: RouterConfig) -> bool:
+    """Whether the kept weights are divided by their sum (module docstring: not for a single one)."""
+    return cfg.normalize and (cfg.top_k > 1 or cfg.normalize_top1)
 
 
 def limit_to_groups(select_NE: torch.Tensor, num_groups: int, top_groups: int) -> torch.Tensor:
@@ -125,11 +148,11 @@ def _kept_weight_sum(moe: MoEConfig, zero_gate: bool) -> tuple[float | None, str
     r, E, k = moe.router, moe.num_experts, moe.router.top_k
     if zero_gate:
         c = _constant_score(r.score, E)
-        w = 1.0 / k if (r.normalize and c > 0) else c
+        w = 1.0 / k if (renormalises(r) and c > 0) else c
         return r.scale * k * w, f"a zero gate makes every {r.score} score {c:g}, so each kept weight is {r.scale * w:g}"
     if r.score == "identity":
         return None, "identity scores can be negative and the renormaliser is clamped at 1e-9"
-    if r.normalize:
+    if renormalises(r):
         return r.scale, "the kept top-k weights are renormalised to sum to 1" + (
             f", then multiplied by router.scale={r.scale:g}" if r.scale != 1.0 else "")
     if r.score == "softmax" and k == E:
