@@ -115,6 +115,9 @@ class ModelConfig:
     # output, and objectives and samplers use the first in_channels (docs/CONVERT.md)
     out_channels: int | None = None
     qk_norm: bool = False
+    # the timestep embedder reads t_scale·t (t ∈ [0, 1]): 1000 is DiT's integer-step scale; 1 is DiT-MoE's
+    # rectified-flow code, which feeds t itself (moedit import, docs/CONVERT.md)
+    t_scale: float = 1000.0
     ffn: str = "mlp"  # mlp (GELU-tanh, DiT) | swiglu; used by dense FFNs and experts alike
     mlp_ratio: float = 4.0  # dense FFN hidden width = mlp_ratio * width
     moe: MoEConfig | None = None  # None = dense model
@@ -515,6 +518,7 @@ def _validate_model(m: ModelConfig) -> None:
                           f"{m.in_channels} (the prediction's first in_channels are used), or null")
     _choice(m.ffn, tuple(FFNS), "model.ffn")
     _positive(m, "model", ("mlp_ratio",), " (dense FFN hidden width = mlp_ratio · width), e.g. 4")
+    _positive(m, "model", ("t_scale",), " (the timestep embedder reads t_scale·t; DiT: 1000)")
     if not 0.0 <= m.class_dropout < 1.0:
         raise ConfigError("model.class_dropout must be in [0, 1)")
     if m.moe is not None:

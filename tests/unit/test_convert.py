@@ -66,9 +66,10 @@ def convert_and_verify(dense, moe_settings, **kw):
     moe(name="topk", top_k=4, score="softmax"),  # all experts kept: the softmax sums to 1
     moe(name="promoe", top_k=4, score="softmax", num_shared=1),
     moe(name="expert_choice", capacity=4.0),
+    moe(name="diffmoe", top_k=1),  # θ_e = 0 before training: every expert, softmax weights
     moe(name="topk", top_k=2, normalize=True, selection_bias=True, placement="interleaved"),
 ], ids=["top1", "top2-softmax-norm", "top2-sigmoid-norm-shared", "softmax-all", "promoe-softmax-all",
-        "expert-choice-full", "interleaved-bias"])
+        "expert-choice-full", "diffmoe-untrained", "interleaved-bias"])
 def test_exact_configurations_reproduce_the_dense_model(settings):
     _, report = convert_and_verify(dense_model(), settings)
     assert report["exact_expected"], report["reason"]
@@ -93,7 +94,7 @@ def test_swiglu_conversion_is_exact():
 @pytest.mark.parametrize("settings, words", [
     (moe(name="topk", top_k=2), "normalize"),
     (moe(name="race", top_k=2), "threshold"),
-    (moe(name="diffmoe", top_k=1), "capacity predictor"),
+    (moe(name="diffmoe", top_k=1, score="sigmoid"), "capacity predictor"),
     (moe(name="expert_choice", top_k=2), "0..E experts"),
     (moe(name="topk", top_k=2, normalize=True, scale=2.5), "scale"),
 ])

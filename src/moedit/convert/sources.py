@@ -60,7 +60,7 @@ def load_source(path: str | Path, raw: bool = False, heads: int | None = None) -
     if path.is_dir():
         return _moedit_source(path, raw)
     if path.is_file() and (path.suffix in TORCH_SUFFIXES or path.suffix == ".safetensors"):
-        state, what = _read_state_file(path, raw)
+        state, what = read_state_file(path, raw)
         return DenseSource(state, dit_model_config(state, heads), DIT_RUN_DEFAULTS, f"facebookresearch/DiT {what} {path}")
     raise ConfigError(f"{path} is neither a moedit run/checkpoint directory nor a .pt/.pth/.safetensors file")
 
@@ -74,7 +74,7 @@ def _moedit_source(path: Path, raw: bool) -> DenseSource:
     return DenseSource(ckpt.load_tensors(ckpt_dir, name), model, run_config, description)
 
 
-def _read_state_file(path: Path, raw: bool) -> tuple[dict[str, torch.Tensor], str]:
+def read_state_file(path: Path, raw: bool) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, what it was): a plain state dict, or one set of weights of a training checkpoint."""
     if path.suffix == ".safetensors":
         return _read_safetensors(path), "state dict"
@@ -137,9 +137,16 @@ def _require(state: dict, key: str) -> torch.Tensor:
 
 def dit_model_config(state: dict[str, torch.Tensor], heads: int | None = None) -> ModelConfig:
     """The dense ModelConfig of a facebookresearch/DiT state dict (module docstring)."""
+    model = dit_backbone_config(state, heads)
+    hidden = _require(state, "blocks.0.mlp.fc1.weight").shape[0]
+    return from_dict({"model": {**model, "ffn": "mlp", "mlp_ratio": hidden / model["width"]}}).model
+
+
+def dit_backbone_config(state: dict[str, torch.Tensor], heads: int | None = None) -> dict:
+    """The `model` keys every DiT-layout checkpoint's backbone shows (sizes, classes, positions, outputs);
+    the FFN is the caller's (DiT's MLP here, DiT-MoE's experts in convert/peers.py)."""
     width, channels, patch, _ = _require(state, "x_embedder.proj.weight").shape
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    hidden = _require(state, "blocks.0.mlp.fc1.weight").shape[0]
     pos = _require(state, "pos_embed")
     grid = math.isqrt(pos.shape[-2])
     if grid * grid != pos.shape[-2]:
@@ -150,11 +157,9 @@ def dit_model_config(state: dict[str, torch.Tensor], heads: int | None = None) -
         if heads is None:
             raise ConfigError(f"width {width} is not a DiT preset width ({sorted(dit_heads_by_width())}); "
                               "attention heads cannot be read off the weights: pass --heads")
-    model = dict(image_size=grid * patch, in_channels=channels, patch_size=patch, width=width, depth=depth,
-                 heads=heads, num_classes=_require(state, "y_embedder.embedding_table.weight").shape[0] - 1,
-                 class_dropout=0.1, pos_embed=_pos_layout(pos, width, grid), ffn="mlp", mlp_ratio=hidden / width,
-                 out_channels=out if out != channels else None)
-    return from_dict({"model": model}).model
+    return dict(image_size=grid * patch, in_channels=channels, patch_size=patch, width=width, depth=depth,
+                heads=heads, num_classes=_require(state, "y_embedder.embedding_table.weight").shape[0] - 1,
+                class_dropout=0.1, pos_embed=_pos_layout(pos, width, grid), out_channels=out if out != channels else None)
 
 
 def _pos_layout(pos: torch.Tensor, width: int, grid: int, tolerance: float = 1e-4) -> str:

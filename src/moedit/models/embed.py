@@ -29,21 +29,23 @@ POS_EMBEDS = ("sincos", "sincos_wh", "rope")  # model.pos_embed: the position sc
 ROPE_PAIRINGS = ("adjacent", "rotate_half")  # model.rope_pairing
 
 
-def timestep_features(t_B: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_features(t_B: torch.Tensor, dim: int, max_period: float = 10000.0, t_scale: float = 1000.0) -> torch.Tensor:
+    """[cos, sin] of (t_scale·t)·freqs: t_scale 1000 is DiT's integer-step scale (model.t_scale)."""
     half = dim // 2
     freqs_F = torch.exp(-math.log(max_period) * torch.arange(half, device=t_B.device, dtype=torch.float32) / half)
-    args_BF = (1000.0 * t_B.float())[:, None] * freqs_F[None]
+    args_BF = (t_scale * t_B.float())[:, None] * freqs_F[None]
     return torch.cat([torch.cos(args_BF), torch.sin(args_BF)], dim=-1)
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, width: int, freq_dim: int = 256):
+    def __init__(self, width: int, freq_dim: int = 256, t_scale: float = 1000.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.t_scale = freq_dim, t_scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t_B: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_features(t_B, self.freq_dim).to(self.mlp[0].weight.dtype))
+        features = timestep_features(t_B, self.freq_dim, t_scale=self.t_scale)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

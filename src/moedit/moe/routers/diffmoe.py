@@ -61,8 +61,11 @@ class DiffMoERouter(Router):
 
     @classmethod
     def conversion_exactness(cls, moe: MoEConfig, slices: int, zero_gate: bool) -> tuple[bool, str]:
-        return False, ("at inference DiffMoE's capacity predictor gives a token 0..E experts whose softmax "
-                       "weights need not sum to 1; no configuration is exact")
+        if slices == 1 and moe.router.score == "softmax":
+            return True, ("θ_e starts at 0, so right after conversion every token takes every expert (σ(P) > 0) "
+                          "with softmax weights summing to 1; once training raises θ_e a token gets 0..E experts")
+        return False, ("at inference DiffMoE's capacity predictor gives a token 0..E experts (all of them only "
+                       "while θ_e = 0), and with slices or non-softmax scores their weights need not sum to 1")
 
     def __init__(self, width: int, num_experts: int, cfg: RouterConfig, target_dim: int | None = None):
         super().__init__()
