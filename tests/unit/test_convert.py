@@ -24,6 +24,8 @@ from moedit.convert.sources import dit_model_config, load_source
 from moedit.train import checkpoint as ckpt
 from moedit.train.trainer import Trainer
 
+from dit_reference import dit_pos_embed, dit_reference_forward, dit_state_dict, dit_timestep_embedding  # tests/
+
 TOL = 1e-5
 MICRO = dict(preset="micro", image_size=8, patch_size=2, num_classes=5)  # width 32, depth 2, heads 2, hidden 128
 
@@ -203,76 +205,6 @@ def test_config_transform_errors():
 
 
 # ----------------------------------------------------------------------------- facebookresearch/DiT
-
-
-def dit_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
-    """get_2d_sincos_pos_embed of facebookresearch/DiT models.py, transcribed."""
-    def one_d(dim, pos):
-        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
-        out = np.einsum("m,d->md", pos.reshape(-1), 1.0 / 10000 ** omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    grid_h = np.arange(grid_size, dtype=np.float32)
-    grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])  # w goes first
-    return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
-
-
-def dit_timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half)
-    args = t[:, None].float() * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def dit_state_dict(D=32, depth=2, C=4, p=2, grid=4, classes=5, learn_sigma=True, seed=0) -> dict:
-    """A facebookresearch/DiT state dict by hand: their names and shapes, random weights."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen) * 0.1
-
-    out = 2 * C if learn_sigma else C
-    sd = {"x_embedder.proj.weight": rand(D, C, p, p), "x_embedder.proj.bias": rand(D),
-          "pos_embed": torch.from_numpy(dit_pos_embed(D, grid)).float()[None],
-          "t_embedder.mlp.0.weight": rand(D, 256), "t_embedder.mlp.0.bias": rand(D),
-          "t_embedder.mlp.2.weight": rand(D, D), "t_embedder.mlp.2.bias": rand(D),
-          "y_embedder.embedding_table.weight": rand(classes + 1, D),
-          "final_layer.linear.weight": rand(p * p * out, D), "final_layer.linear.bias": rand(p * p * out),
-          "final_layer.adaLN_modulation.1.weight": rand(2 * D, D), "final_layer.adaLN_modulation.1.bias": rand(2 * D)}
-    for i in range(depth):
-        for name, shape in (("attn.qkv", (3 * D, D)), ("attn.proj", (D, D)), ("mlp.fc1", (4 * D, D)),
-                            ("mlp.fc2", (D, 4 * D)), ("adaLN_modulation.1", (6 * D, D))):
-            sd[f"blocks.{i}.{name}.weight"], sd[f"blocks.{i}.{name}.bias"] = rand(*shape), rand(shape[0])
-    return sd
-
-
-def dit_reference_forward(sd, x, t_int, y, heads, p):
-    """facebookresearch/DiT's DiT.forward (timm PatchEmbed, Attention, Mlp), transcribed for a state dict."""
-    def lin(h, name):
-        return F.linear(h, sd[f"{name}.weight"], sd[f"{name}.bias"])
-
-    def modulate(h, shift, scale):
-        return F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
-
-    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p).flatten(2).transpose(1, 2)
-    h = h + sd["pos_embed"]
-    c = lin(F.silu(lin(dit_timestep_embedding(t_int), "t_embedder.mlp.0")), "t_embedder.mlp.2")
-    c = c + sd["y_embedder.embedding_table.weight"][y]
-    B, N, D = h.shape
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    for i in range(depth):
-        s1, sc1, g1, s2, sc2, g2 = lin(F.silu(c), f"blocks.{i}.adaLN_modulation.1").chunk(6, dim=1)
-        q, k, v = lin(modulate(h, s1, sc1), f"blocks.{i}.attn.qkv").reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        attn = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
-        h = h + g1[:, None] * lin(attn.transpose(1, 2).reshape(B, N, D), f"blocks.{i}.attn.proj")
-        mlp = lin(F.gelu(lin(modulate(h, s2, sc2), f"blocks.{i}.mlp.fc1"), approximate="tanh"), f"blocks.{i}.mlp.fc2")
-        h = h + g2[:, None] * mlp
-    shift, scale = lin(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
-    out = lin(modulate(h, shift, scale), "final_layer.linear")
-    g = int(N ** 0.5)
-    out = torch.einsum("nhwpqc->nchpwq", out.reshape(B, g, g, p, p, -1))
-    return out.reshape(B, -1, g * p, g * p)
 
 
 def test_dit_pos_embed_is_columns_first_and_sincos_is_unchanged():
