@@ -148,13 +148,19 @@ def make_record(tmp_path, steps=range(1, 11), events=(3, 5, 9)) -> rec.RecordWri
     return writer
 
 
-def test_events_kill_while_resuming_keeps_the_events(tmp_path, monkeypatch):
+def resume_killed(tmp_path, monkeypatch) -> rec.RecordWriter:
+    """A record, then a resume at step 6 killed in the middle of its writes."""
     writer = make_record(tmp_path)
     patch_writes(monkeypatch)
     try:
         rec.RecordWriter(writer.dir, header(), start_step=6)
     except Killed:
         pass
+    return writer
+
+
+def test_events_kill_while_resuming_keeps_the_events(tmp_path, monkeypatch):
+    resume_killed(tmp_path, monkeypatch)
     assert steps_of(rec.RoutingRecord(tmp_path).events) in ([3, 5], [3, 5, 9])
 
 
@@ -187,12 +193,7 @@ def test_events_damaged_middle_line_is_skipped_and_named(tmp_path):
 
 
 def test_header_kill_while_resuming_keeps_the_header(tmp_path, monkeypatch):
-    writer = make_record(tmp_path)
-    patch_writes(monkeypatch)
-    try:
-        rec.RecordWriter(writer.dir, header(), start_step=6)
-    except Killed:
-        pass
+    resume_killed(tmp_path, monkeypatch)
     assert rec.RoutingRecord(tmp_path).header == header()
 
 
