@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
-HELP = "import a peer's MoE-DiT checkpoint (DiT-MoE) as a moedit run directory, weight for weight"
+HELP = "import a peer's MoE-DiT checkpoint (DiT-MoE, ProMoE-TC) as a moedit run directory, weight for weight"
 
 
 def add_arguments(p) -> None:
     p.add_argument("checkpoint", help="the peer's .pt/.pth/.safetensors file (a training checkpoint's EMA weights by default)")
     p.add_argument("--out", required=True, help="new run directory to write (never overwritten)")
-    p.add_argument("--layout", default="auto", help="auto (read off the key names) or dit_moe")
-    p.add_argument("--objective", default="ddpm", choices=("ddpm", "rectified_flow"),
-                   help="what the checkpoint was trained with: decides the time convention and sampler")
+    p.add_argument("--layout", default="auto", help="auto (read off the key names), dit_moe or promoe_tc")
+    p.add_argument("--objective", choices=("ddpm", "rectified_flow"),
+                   help="what the checkpoint was trained with: decides the time convention and sampler "
+                        "(default: DiT-MoE ddpm, ProMoE-TC rectified_flow, the only one it trains)")
     p.add_argument("--heads", type=int, help="attention heads (default: the DiT preset of the checkpoint's width)")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token (not stored in the weights; DiT-MoE: 2)")
+    p.add_argument("--top-k", type=int, help="experts per token (not stored in the weights; default DiT-MoE 2, ProMoE-TC 1)")
+    p.add_argument("--score", choices=("softmax", "sigmoid", "identity"),
+                   help="router weights (not stored in the weights): ProMoE-TC's router_weight_mode over the "
+                        "cosine similarities (default identity, their configs'); DiT-MoE: softmax only")
     p.add_argument("--learn-sigma", choices=("keep", "drop"), default="keep",
                    help="checkpoints with 2·C outputs: keep the learned-sigma channels or drop them")
     p.add_argument("--raw", action="store_true", help="import the raw weights of a training checkpoint instead of EMA")
@@ -25,5 +29,5 @@ def run(args) -> int:
     from moedit.convert.peers import import_run
 
     import_run(args.checkpoint, args.out, layout=args.layout, objective=args.objective, heads=args.heads,
-               top_k=args.top_k, learn_sigma=args.learn_sigma, raw=args.raw, overrides=args.set)
+               top_k=args.top_k, score=args.score, learn_sigma=args.learn_sigma, raw=args.raw, overrides=args.set)
     return 0

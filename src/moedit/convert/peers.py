@@ -1,12 +1,13 @@
 """Importing a peer's released MoE-DiT checkpoint into a moedit run, weight for weight.
 
-Only the DiT-MoE layout so far (Fei et al., arXiv 2407.11633; feizc/DiT-MoE `models.py`); docs/CONVERT.md
-lists what each layout holds and how it maps. A layout is recognised by its key names, its
-configuration read off the shapes, and every key goes through an explicit table that refuses unmapped,
-missing or misshapen keys. The imported model computes the peer model's output: same (x_t, t, y) →
-same prediction within float32 rounding, with the time convention stated per objective.
+Two layouts: DiT-MoE (`dit_moe`) and ProMoE's token-choice model (`promoe_tc`); docs/CONVERT.md lists
+what each layout holds and how it maps. A layout is recognised by its key names, its configuration read
+off the shapes, and every key goes through an explicit table that refuses unmapped, missing or
+misshapen keys. The imported model computes the peer model's output: same (x_t, t, y) → same
+prediction within float32 rounding, with the time convention stated per objective.
 
-DiT-MoE = facebookresearch/DiT with every block's MLP replaced by `moe` (names as in its code):
+DiT-MoE (Fei et al., arXiv 2407.11633; feizc/DiT-MoE `models.py`) = facebookresearch/DiT with every
+block's MLP replaced by `moe` (names as in its code):
 
     blocks.{i}.moe.gate.weight                         (E, D)   softmax gate, no bias
     blocks.{i}.moe.experts.{e}.{gate,up,down}_proj.weight       SwiGLU expert e, width H, no biases
@@ -17,12 +18,36 @@ columns-first sin-cos positions. top_k is not in the weights (DiT-MoE's default:
 Time: trained with DiT's DDPM (`--objective ddpm`, integer step n fed to the embedder: moedit's
 t = n/1000, t_scale 1000, the one-step DDPM offset of docs/CONVERT.md applies) or with its rectified flow
 (`--objective rectified_flow`: x_t = (1 − t)·x + t·ε, v = ε − x, t ∈ [0, 1] fed as is: t_scale 1).
+
+ProMoE-TC (Wei et al., arXiv 2510.24711; ali-vilab/ProMoE `models/models_ProMoE_TC.py`, `modules.py`) =
+the same DiT backbone (qkv with bias, head_dim = D/heads) whose MoE blocks (the odd ones when their
+`interleave` is set, else all) hold `mlp` = their SparseMoeBlock:
+
+    blocks.{i}.mlp.cluster_centers                     (E, D)   prototypes      -> moe.router.prototypes_ED
+    blocks.{i}.mlp.experts.{e}.up_proj.{weight,bias}   (H, D), (H)   e < E: routed; e = E: unconditional
+    blocks.{i}.mlp.experts.{e}.down_proj.{weight,bias} (D, H), (D)   -> moe.experts.{w1_EDH, b1_EH, w2_EHD, b2_ED}[e]
+    blocks.{i}.mlp.shared_expert.{up,down}_proj.*      one always-on expert, width H_s -> moe.shared.*
+    blocks.{j}.mlp.fc{1,2}.{weight,bias}               dense blocks: timm Mlp, GELU(tanh) -> the same names
+    blocks.{j}.mlp.{up,down}_proj.{weight,bias}        dense blocks with their use_swiglu (still a GELU MoeMLP) -> mlp.fc{1,2}
+
+Every expert is their MoeMLP, y = down(GELU_tanh(up(x))) with biases: moedit's `ffn: mlp` experts
+(w1 = up_projᵀ, b1 = up bias, w2 = down_projᵀ, b2 = down bias). Routing = moedit's `promoe` router: tokens
+of label-1000 samples (their hard-coded null label; moedit's null label is num_classes, so only
+1000-class checkpoints import) go to expert E with weight 1; the others get s = G(cos(x, C_e)) over the
+E prototypes, G = `--score` (their router_weight_mode: identity in their configs, softmax, sigmoid), top-k
+(`--top-k`, their configs: 1) of s, not renormalised. Their q/k LayerNorm (`qk_norm`, affine) has no
+moedit equivalent (moedit's is an RMSNorm) and is refused, as are a head_dim ≠ D/heads, no unconditional
+expert, or MoE blocks neither all nor the odd ones.
+Time: rectified flow only (their train.py): x_t = (1 − σ)·x + σ·ε, v = ε − x, the embedder fed 1000·σ:
+moedit's t = σ with t_scale 1000. Their loss never reads the learned-sigma channels (they are kept by
+default for exactness, `--learn-sigma drop` removes them).
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,8 +57,8 @@ from moedit.convert.sources import TORCH_SUFFIXES, LEARN_SIGMA, dit_backbone_con
 from moedit.convert.workflow import check_out, write_run
 from moedit.models import build_model
 
-LAYOUTS = ("dit_moe",)
-OBJECTIVES = {  # the peer's training objective -> moedit's run settings for it
+LAYOUTS = ("dit_moe", "promoe_tc")
+OBJECTIVES = {  # the peer's training objective -> moedit's run settings for it (DiT-MoE's time conventions)
     "ddpm": {"model": {"t_scale": 1000.0},
              "objective": {"name": "ddpm", "beta_schedule": "linear", "ddpm_steps": 1000},
              "sample": {"sampler": "ddpm", "steps": 250}},
@@ -41,6 +66,16 @@ OBJECTIVES = {  # the peer's training objective -> moedit's run settings for it
                        "objective": {"name": "rectified_flow", "t_sampling": "logit_normal"},
                        "sample": {"sampler": "euler", "steps": 50}},
 }
+# ProMoE trains rectified flow only, feeding 1000·σ to the embedder, and samples Euler in 250 steps
+PROMOE_OBJECTIVES = {"rectified_flow": {"model": {"t_scale": 1000.0},
+                                        "objective": {"name": "rectified_flow", "t_sampling": "logit_normal"},
+                                        "sample": {"sampler": "euler", "steps": 250}}}
+PROMOE_NULL_LABEL = 1000  # hard-coded in their SparseMoeBlock.compute_router
+DEFAULTS = {"dit_moe": {"objective": "ddpm", "top_k": 2, "score": "softmax"},  # what the weights do not say
+            "promoe_tc": {"objective": "rectified_flow", "top_k": 1, "score": "identity"}}
+NAMES = {"dit_moe": "DiT-MoE", "promoe_tc": "ProMoE-TC"}
+SOURCES = {"dit_moe": "a feizc/DiT-MoE checkpoint", "promoe_tc": "an ali-vilab/ProMoE token-choice checkpoint"}
+
 _EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _SHARED = re.compile(r"^blocks\.(\d+)\.moe\.shared_experts\.(gate|up|down)_proj\.weight$")
 _GATE = re.compile(r"^blocks\.(\d+)\.moe\.gate\.weight$")
@@ -48,22 +83,36 @@ _STACKED = {"gate": "w1_EDH", "up": "wu_EDH", "down": "w2_EHD"}  # moedit's SwiG
 # DiT's own keys, the same in both models (pos_embed is checked, final_layer.linear may drop σ channels)
 _BACKBONE = re.compile(r"^(x_embedder\.proj|t_embedder\.mlp\.[02]|y_embedder\.embedding_table|final_layer\."
                        r"adaLN_modulation\.1|blocks\.\d+\.(attn\.(qkv|proj)|adaLN_modulation\.1))\.(weight|bias)$")
+# ProMoE-TC's MoE and dense FFN keys
+_PRO_CENTERS = re.compile(r"^blocks\.(\d+)\.mlp\.cluster_centers$")
+_PRO_EXPERT = re.compile(r"^blocks\.(\d+)\.mlp\.experts\.(\d+)\.(up|down)_proj\.(weight|bias)$")
+_PRO_SHARED = re.compile(r"^blocks\.(\d+)\.mlp\.shared_expert\.(up|down)_proj\.(weight|bias)$")
+_PRO_DENSE = re.compile(r"^blocks\.(\d+)\.mlp\.(fc1|fc2|up_proj|down_proj)\.(weight|bias)$")
+_PRO_STACKED = {("up", "weight"): "w1_EDH", ("up", "bias"): "b1_EH",  # moedit's GELU expert tensors
+                ("down", "weight"): "w2_EHD", ("down", "bias"): "b2_ED"}
+_PRO_DENSE_NAME = {"fc1": "fc1", "fc2": "fc2", "up_proj": "fc1", "down_proj": "fc2"}
+_QK_NORM = re.compile(r"^blocks\.\d+\.attn\.[qk]_norm\.")
 
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str | None:
     if "blocks.0.moe.gate.weight" in state and "blocks.0.moe.experts.0.gate_proj.weight" in state:
         return "dit_moe"
+    centers = [m.group(1) for k in state if (m := _PRO_CENTERS.match(k))]
+    if centers and f"blocks.{centers[0]}.mlp.experts.0.up_proj.weight" in state:
+        return "promoe_tc"
     return None
 
 
-def dit_moe_config(state: dict[str, torch.Tensor], heads: int | None, top_k: int, learn_sigma: str) -> dict:
+def dit_moe_config(state: dict[str, torch.Tensor], heads: int | None, top_k: int, learn_sigma: str,
+                   score: str = "softmax") -> dict:
     """The moedit `model` section of a DiT-MoE state dict (module docstring)."""
+    if score != "softmax":
+        raise ConfigError(f"--score {score}: DiT-MoE's gate is a softmax (its code has no other)")
     model = dit_backbone_config(state, heads)
     E, D = state["blocks.0.moe.gate.weight"].shape
     hidden = state["blocks.0.moe.experts.0.gate_proj.weight"].shape[0]
     shared = state.get("blocks.0.moe.shared_experts.gate_proj.weight")
-    if not 1 <= top_k <= E:
-        raise ConfigError(f"--top-k {top_k} must be between 1 and the checkpoint's {E} experts")
+    _check_top_k(top_k, E)
     moe = dict(num_experts=E, expert_ratio=hidden / D, num_shared=0 if shared is None else 1,
                shared_ratio=None if shared is None else shared.shape[0] / D, placement="all",
                router=dict(name="topk", gate="linear", score="softmax", top_k=top_k, normalize=False))
@@ -71,15 +120,80 @@ def dit_moe_config(state: dict[str, torch.Tensor], heads: int | None, top_k: int
     return {**model, "ffn": "swiglu", "out_channels": out if learn_sigma == "keep" else None, "moe": moe}
 
 
+def promoe_tc_config(state: dict[str, torch.Tensor], heads: int | None, top_k: int, learn_sigma: str,
+                     score: str = "identity") -> dict:
+    """The moedit `model` section of a ProMoE-TC state dict (module docstring); refuses what moedit's
+    `promoe` router and DiT blocks cannot compute exactly."""
+    if qk := sorted(k for k in state if _QK_NORM.match(k)):
+        raise ConversionError(f"the checkpoint has q/k norm weights ({qk[0]}, …): ProMoE's qk_norm is an affine "
+                              "LayerNorm per head, moedit's qk_norm an RMSNorm; it cannot be imported exactly")
+    model = dit_backbone_config(state, heads)
+    D = model["width"]
+    qkv = state.get("blocks.0.attn.qkv.weight")  # a missing one is reported by the key map
+    if qkv is not None and qkv.shape[0] != 3 * D:
+        raise ConversionError(f"blocks.0.attn.qkv.weight has {qkv.shape[0]} rows, not 3·{D}: a head_dim other than "
+                              "width/heads, which moedit's attention does not have")
+    if model["num_classes"] != PROMOE_NULL_LABEL:
+        raise ConversionError(f"the checkpoint has {model['num_classes']} classes: ProMoE routes label "
+                              f"{PROMOE_NULL_LABEL} to its unconditional expert whatever the class count, moedit "
+                              "its null label (= num_classes); only 1000-class checkpoints import exactly")
+    moe_blocks = sorted({int(m.group(1)) for k in state if (m := _PRO_CENTERS.match(k))})
+    depth, first = model["depth"], moe_blocks[0]
+    if moe_blocks == list(range(depth)):
+        placement = "all"
+    elif moe_blocks == list(range(1, depth, 2)):
+        placement = "interleaved"
+    else:
+        raise ConversionError(f"MoE blocks {moe_blocks} of {depth}: moedit places MoE in all or in the odd blocks")
+    E, _ = state[f"blocks.{first}.mlp.cluster_centers"].shape
+    experts = {int(m.group(2)) for k in state if (m := _PRO_EXPERT.match(k)) and int(m.group(1)) == first}
+    if len(experts) != E + 1:
+        raise ConversionError(f"block {first} has {len(experts)} experts for {E} cluster centers: moedit's promoe "
+                              "router needs exactly one unconditional expert after the routed ones (their "
+                              "use_uncond_expert)")
+    _check_top_k(top_k, E)
+    hidden = state[f"blocks.{first}.mlp.experts.0.up_proj.weight"].shape[0]
+    shared = state.get(f"blocks.{first}.mlp.shared_expert.up_proj.weight")
+    moe = dict(num_experts=E, expert_ratio=hidden / D, num_shared=0 if shared is None else 1,
+               shared_ratio=None if shared is None else shared.shape[0] / D, placement=placement,
+               router=dict(name="promoe", score=score, top_k=top_k, normalize=False))
+    dense = next((v for k, v in state.items() if (m := _PRO_DENSE.match(k)) and m.group(3) == "weight"
+                  and m.group(2) in ("fc1", "up_proj")), None)
+    mlp_ratio = {} if dense is None else {"mlp_ratio": dense.shape[0] / D}
+    out = model.pop("out_channels")
+    return {**model, "ffn": "mlp", **mlp_ratio, "out_channels": out if learn_sigma == "keep" else None, "moe": moe}
+
+
+def _check_top_k(top_k: int, E: int) -> None:
+    if not 1 <= top_k <= E:
+        raise ConfigError(f"--top-k {top_k} must be between 1 and the checkpoint's {E} experts")
+
+
 def map_dit_moe(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
                 patch: int) -> dict[str, torch.Tensor]:
-    """moedit tensors for every key of the target model; raises listing every unmapped, missing or
-    misshapen key."""
+    """moedit tensors for every key of the target model from a DiT-MoE state dict (`_dit_moe_target`);
+    raises listing every unmapped, missing or misshapen key."""
+    return _map(state, target, patch, _dit_moe_target, "dit_moe")
+
+
+def map_promoe_tc(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                  patch: int) -> dict[str, torch.Tensor]:
+    """moedit tensors for every key of the target model from a ProMoE-TC state dict (`_promoe_tc_target`);
+    raises listing every unmapped, missing or misshapen key."""
+    return _map(state, target, patch, _promoe_tc_target, "promoe_tc")
+
+
+def _map(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], patch: int,
+         target_of: Callable, layout: str) -> dict[str, torch.Tensor]:
+    """Every key through `target_of` (-> a model key, or (stacked key, expert index), or None), experts
+    stacked in index order, then every name and shape checked against the model."""
     mapped: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, torch.Tensor]] = {}
     unmapped, mismatched = [], []
     for key, tensor in state.items():
-        name, value = _target(key, tensor, patch, target)
+        name, value = _shared_target(key, tensor, patch, target)
+        if name is None:
+            name, value = target_of(key, tensor)
         if name is None:
             unmapped.append(key)
         elif isinstance(name, tuple):  # one expert's matrix of a stacked tensor
@@ -101,24 +215,46 @@ def map_dit_moe(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
         elif value.shape != target[name].shape:
             mismatched.append(f"{name}: {tuple(value.shape)} from the checkpoint, the model has {tuple(target[name].shape)}")
     missing = [k for k in target if k not in mapped]
-    _refuse(unmapped, mismatched, missing)
+    _refuse(unmapped, mismatched, missing, layout)
     return {k: v.to(target[k].dtype) if k in target else v for k, v in mapped.items()}
 
 
-def _target(key: str, tensor: torch.Tensor, patch: int, target: dict):
-    """(target name or (stacked name, expert index), tensor) for one DiT-MoE key; (None, None) if unmapped."""
+def _shared_target(key: str, tensor: torch.Tensor, patch: int, target: dict):
+    """DiT's backbone keys, the same names in every layout; (None, None) for the others."""
     if key == "pos_embed":
         return "__pos_embed__", tensor
     if _BACKBONE.match(key):
         return key, tensor
     if key.startswith("final_layer.linear."):
         return key, _first_channels(tensor, patch, target.get(key))
+    return None, None
+
+
+def _dit_moe_target(key: str, tensor: torch.Tensor):
+    """DiT-MoE's MoE keys: gate -> the topk router's linear gate, SwiGLU experts transposed and stacked."""
     if m := _GATE.match(key):
         return f"blocks.{m.group(1)}.moe.router.gate.net.head.weight", tensor
     if m := _EXPERT.match(key):
         return (f"blocks.{m.group(1)}.moe.experts.{_STACKED[m.group(3)]}", int(m.group(2))), tensor.T
     if m := _SHARED.match(key):
         return f"blocks.{m.group(1)}.moe.shared.{_STACKED[m.group(2)]}", tensor.T[None]
+    return None, None
+
+
+def _promoe_tc_target(key: str, tensor: torch.Tensor):
+    """ProMoE-TC's FFN keys: cluster_centers -> prototypes_ED; expert e (e = E the unconditional one, as in
+    moedit) up/down weights transposed, biases as they are, stacked; the shared expert likewise with a
+    leading expert axis of 1; dense blocks' fc1/fc2 (or up/down_proj) -> mlp.fc1/fc2."""
+    if m := _PRO_CENTERS.match(key):
+        return f"blocks.{m.group(1)}.moe.router.prototypes_ED", tensor
+    if m := _PRO_EXPERT.match(key):
+        i, e, proj, kind = m.groups()
+        return (f"blocks.{i}.moe.experts.{_PRO_STACKED[proj, kind]}", int(e)), tensor.T if kind == "weight" else tensor
+    if m := _PRO_SHARED.match(key):
+        i, proj, kind = m.groups()
+        return f"blocks.{i}.moe.shared.{_PRO_STACKED[proj, kind]}", (tensor.T if kind == "weight" else tensor)[None]
+    if m := _PRO_DENSE.match(key):
+        return f"blocks.{m.group(1)}.mlp.{_PRO_DENSE_NAME[m.group(2)]}.{m.group(3)}", tensor
     return None, None
 
 
@@ -130,20 +266,55 @@ def _first_channels(w: torch.Tensor, patch: int, target: torch.Tensor | None) ->
     return w.reshape(pp, w.shape[0] // pp, *w.shape[1:])[:, : target.shape[0] // pp].reshape(target.shape[0], *w.shape[1:])
 
 
-def _refuse(unmapped: list[str], mismatched: list[str], missing: list[str]) -> None:
-    problems = [(unmapped, "checkpoint keys the DiT-MoE map does not cover"), (mismatched, "shape mismatches"),
+def _refuse(unmapped: list[str], mismatched: list[str], missing: list[str], layout: str = "dit_moe") -> None:
+    problems = [(unmapped, f"checkpoint keys the {NAMES[layout]} map does not cover"), (mismatched, "shape mismatches"),
                 (missing, "model keys the checkpoint does not provide")]
     lines = [f"{what} ({len(keys)}):\n    " + "\n    ".join(keys[:20]) + ("\n    …" if len(keys) > 20 else "")
              for keys, what in problems if keys]
     if lines:
-        raise ConversionError("the checkpoint does not fit the DiT-MoE key map (convert/peers.py):\n  "
-                              + "\n  ".join(lines) + "\nCheck that it is a feizc/DiT-MoE checkpoint, and --heads.")
+        raise ConversionError(f"the checkpoint does not fit the {NAMES[layout]} key map (convert/peers.py):\n  "
+                              + "\n  ".join(lines) + f"\nCheck that it is {SOURCES[layout]}, and --heads.")
 
 
-def import_run(source: str | Path, out: str | Path, layout: str = "auto", objective: str = "ddpm",
-               heads: int | None = None, top_k: int = 2, learn_sigma: str = "keep", raw: bool = False,
-               overrides: list[str] | None = None, log=print) -> tuple[Path, Config]:
-    """A new moedit run directory at `out` holding the peer checkpoint `source` (module docstring)."""
+LAYOUT_CONFIG = {"dit_moe": dit_moe_config, "promoe_tc": promoe_tc_config}
+LAYOUT_MAP = {"dit_moe": map_dit_moe, "promoe_tc": map_promoe_tc}
+LAYOUT_OBJECTIVES = {"dit_moe": OBJECTIVES, "promoe_tc": PROMOE_OBJECTIVES}
+
+
+def read_peer_state(source: Path, raw: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """read_state_file, plus ProMoE's training checkpoint ({model,ema_model,optimizer}_state_dict, step)."""
+    try:
+        return read_state_file(source, raw)
+    except ConversionError as exc:
+        if source.suffix not in TORCH_SUFFIXES:
+            raise
+        error = exc
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (read_state_file's error says why)
+        raise error from None
+    key = "model_state_dict" if raw else "ema_model_state_dict"
+    if not (isinstance(obj, dict) and isinstance(obj.get(key), dict)
+            and all(isinstance(v, torch.Tensor) for v in obj[key].values())):
+        raise error
+    return obj[key], f"training checkpoint ({'raw' if raw else 'EMA'} weights)"
+
+
+def _resolve_layout(state: dict, layout: str, source: Path) -> str:
+    found = detect_layout(state)
+    if layout == "auto":
+        layout = found
+    if layout not in LAYOUTS or found != layout:
+        raise ConversionError(f"{source} is not a {layout or 'known'} checkpoint (its keys look like "
+                              f"{found or 'none of ' + ', '.join(LAYOUTS)}); moedit imports: {', '.join(LAYOUTS)}")
+    return layout
+
+
+def import_run(source: str | Path, out: str | Path, layout: str = "auto", objective: str | None = None,
+               heads: int | None = None, top_k: int | None = None, learn_sigma: str = "keep", raw: bool = False,
+               overrides: list[str] | None = None, log=print, score: str | None = None) -> tuple[Path, Config]:
+    """A new moedit run directory at `out` holding the peer checkpoint `source` (module docstring).
+    objective, top_k and score left None take the layout's defaults (`DEFAULTS`)."""
     from moedit.config import apply_overrides
     from moedit.models.embed import sincos_2d
 
@@ -151,22 +322,24 @@ def import_run(source: str | Path, out: str | Path, layout: str = "auto", object
     source = Path(source)
     if not (source.is_file() and (source.suffix in TORCH_SUFFIXES or source.suffix == ".safetensors")):
         raise ConfigError(f"{source} is not a .pt/.pth/.bin/.ckpt/.safetensors checkpoint file")
-    if objective not in OBJECTIVES or learn_sigma not in LEARN_SIGMA:
-        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)} and learn_sigma one of {', '.join(LEARN_SIGMA)}")
-    state, what = read_state_file(source, raw)
-    found = detect_layout(state)
-    if layout == "auto":
-        layout = found
-    if layout not in LAYOUTS or found != layout:
-        raise ConversionError(f"{source} is not a {layout or 'known'} checkpoint (its keys look like "
-                              f"{found or 'none of ' + ', '.join(LAYOUTS)}); moedit imports: {', '.join(LAYOUTS)}")
-    model = dit_moe_config(state, heads, top_k, learn_sigma)
-    data = {**OBJECTIVES[objective], "model": {**model, **OBJECTIVES[objective]["model"]},
+    if learn_sigma not in LEARN_SIGMA:
+        raise ConfigError(f"learn_sigma must be one of {', '.join(LEARN_SIGMA)}")
+    state, what = read_peer_state(source, raw)
+    layout = _resolve_layout(state, layout, source)
+    objective = objective or DEFAULTS[layout]["objective"]
+    top_k = DEFAULTS[layout]["top_k"] if top_k is None else top_k
+    score = score or DEFAULTS[layout]["score"]
+    settings = LAYOUT_OBJECTIVES[layout]
+    if objective not in settings:
+        raise ConfigError(f"objective {objective!r}: {NAMES[layout]} checkpoints were trained with "
+                          f"{', '.join(settings)}")
+    model = LAYOUT_CONFIG[layout](state, heads, top_k, learn_sigma, score)
+    data = {**settings[objective], "model": {**model, **settings[objective]["model"]},
             "data": {"name": "npz"}, "train": {"out_dir": str(out)}}
     cfg = from_dict(apply_overrides(data, overrides or []))
     net = build_model(cfg.model)
     target = net.state_dict()
-    tensors = map_dit_moe(state, target, cfg.model.patch_size)
+    tensors = LAYOUT_MAP[layout](state, target, cfg.model.patch_size)
     pos = tensors.pop("__pos_embed__", None)
     if pos is not None:
         grid = cfg.model.image_size // cfg.model.patch_size
@@ -174,10 +347,11 @@ def import_run(source: str | Path, out: str | Path, layout: str = "auto", object
         if (pos.reshape(table.shape).float() - table).abs().max() > 1e-4:
             raise ConversionError("pos_embed is not the fixed sin-cos table of the model's pos_embed setting")
     net.load_state_dict(tensors)
-    log(f"source: DiT-MoE {what} {source}: {cfg.model.depth} blocks × {cfg.model.width}, {cfg.model.moe.num_experts} "
-        f"experts top-{top_k}, {cfg.model.moe.num_shared} shared; objective {objective} (t_scale {cfg.model.t_scale:g})")
+    moe = cfg.model.moe
+    log(f"source: {NAMES[layout]} {what} {source}: {cfg.model.depth} blocks × {cfg.model.width}, {moe.num_experts} "
+        f"experts ({moe.placement}) {moe.router.score} top-{top_k}, {moe.num_shared} shared; objective {objective} "
+        f"(t_scale {cfg.model.t_scale:g})")
     write_run(out, cfg, net.state_dict(), {"source": str(source), "layout": layout, "objective": objective,
                                            "weights": what, "learn_sigma": learn_sigma})
     log(f"wrote {out}: config.yaml, checkpoints/step_00000000 (weights only), conversion.json")
     return out, cfg
-
