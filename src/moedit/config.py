@@ -119,6 +119,7 @@ class ModelConfig:
     # rectified-flow code, which feeds t itself (moedit import, docs/CONVERT.md)
     t_scale: float = 1000.0
     ffn: str = "mlp"  # mlp (GELU-tanh, DiT) | swiglu; used by dense FFNs and experts alike
+    dense_ffn: str | None = None  # the dense blocks' FFN when it differs: null = ffn | mlp | swiglu | mlp_silu (DSMoE)
     mlp_ratio: float = 4.0  # dense FFN hidden width = mlp_ratio * width
     moe: MoEConfig | None = None  # None = dense model
 
@@ -510,13 +511,16 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.pos_embed={m.pos_embed} needs model.width divisible by 4, got {m.width}")
     from moedit.models.embed import POS_EMBEDS, ROPE_PAIRINGS
     from moedit.models.ffn import FFNS
+    from moedit.moe.experts import KINDS as EXPERT_KINDS
 
     _choice(m.pos_embed, POS_EMBEDS, "model.pos_embed")
     _choice(m.rope_pairing, ROPE_PAIRINGS, "model.rope_pairing")
     if m.out_channels is not None and m.out_channels < m.in_channels:
         raise ConfigError(f"model.out_channels={m.out_channels} must be at least model.in_channels="
                           f"{m.in_channels} (the prediction's first in_channels are used), or null")
-    _choice(m.ffn, tuple(FFNS), "model.ffn")
+    _choice(m.ffn, EXPERT_KINDS if m.moe is not None else tuple(FFNS), "model.ffn")
+    if m.dense_ffn is not None:
+        _choice(m.dense_ffn, tuple(FFNS), "model.dense_ffn")
     _positive(m, "model", ("mlp_ratio",), " (dense FFN hidden width = mlp_ratio · width), e.g. 4")
     _positive(m, "model", ("t_scale",), " (the timestep embedder reads t_scale·t; DiT: 1000)")
     if not 0.0 <= m.class_dropout < 1.0:

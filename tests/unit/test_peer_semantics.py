@@ -178,3 +178,32 @@ def test_diffmoes_threshold_starts_at_zero_and_blends_five_percent_per_step():
         expected = 0.95 * expected + 0.05 * v
     torch.testing.assert_close(router.threshold.value_X, expected)
     assert math.isclose(router.cfg.threshold_decay, 0.95)
+
+
+# ----------------------------------------------------------------------------- DSMoE's dense blocks
+
+
+def test_dsmoe_dense_blocks_are_the_released_silu_mlp():
+    from moedit.models import build_model
+
+    cfg = from_dict({"model": {"preset": "DSMoE-S-E16", "depth": 2, "width": 48, "heads": 2, "image_size": 8,
+                               "in_channels": 1, "num_classes": 3}}).model
+    assert (cfg.ffn, cfg.dense_ffn, cfg.mlp_ratio) == ("swiglu", "mlp_silu", 4.0)
+    model = build_model(cfg)
+    dense = model.blocks[0].mlp  # block 0 is dense (interleaved: odd blocks MoE)
+    x = torch.randn(5, 48)
+    torch.testing.assert_close(dense(x), F.linear(F.silu(F.linear(x, dense.fc1.weight, dense.fc1.bias)),
+                                                  dense.fc2.weight, dense.fc2.bias))
+    assert dense.fc1.weight.shape == (4 * 48, 48) and model.blocks[1].moe.experts.kind == "swiglu"
+
+
+def test_an_expert_kind_moedit_lacks_is_a_config_error_and_conversion_refuses_mixed_kinds():
+    from moedit.convert.dense import convert_dense
+    from moedit.convert.keys import ConversionError
+    from moedit.models import build_model
+
+    with pytest.raises(ConfigError, match="model.ffn='mlp_silu' is not valid; choose one of: mlp, swiglu"):
+        from_dict({"model": {"ffn": "mlp_silu", "moe": {"num_experts": 2}}})
+    dense_cfg = from_dict({"model": {"preset": "micro", "image_size": 8, "patch_size": 2, "dense_ffn": "mlp_silu"}}).model
+    with pytest.raises(ConversionError, match="dense_ffn=mlp_silu but experts would run model.ffn=mlp"):
+        convert_dense(build_model(dense_cfg), dense_cfg, {"num_experts": 2, "expert_ratio": 4.0})

@@ -28,6 +28,7 @@ from moedit.config import ConfigError, MoEConfig, ModelConfig, from_dict, to_dic
 from moedit.models.dit import DiT, moe_block_indices
 from moedit.convert.exact import routing_exactness
 from moedit.convert.keys import ConversionError, MapContext, map_state_dict
+from moedit.moe.experts import KINDS as EXPERT_KINDS
 from moedit.moe.layer import expert_hidden
 from moedit.moe.routers import extra_experts
 
@@ -55,6 +56,10 @@ def check_architecture(dense: ModelConfig, moe: ModelConfig) -> None:
     """Everything but the MoE settings must match: the key map copies the dense weights one to one."""
     if moe.moe is None:
         raise ConversionError("no MoE settings: give model.moe (e.g. --set model.moe.num_experts=8)")
+    if dense.dense_ffn is not None and dense.dense_ffn != dense.ffn:
+        raise ConversionError(f"the dense blocks run model.dense_ffn={dense.dense_ffn} but experts would run "
+                              f"model.ffn={dense.ffn}: conversion copies the dense FFN into experts of its own kind, "
+                              f"and experts can be {' or '.join(EXPERT_KINDS)}")
     a, b = to_dict(dense), to_dict(moe)
     diffs = [f"model.{k}: dense {a[k]!r} vs MoE {b[k]!r}" for k in a if k not in _MAY_CHANGE and a[k] != b[k]]
     if diffs:

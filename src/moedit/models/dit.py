@@ -56,7 +56,7 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(D, cfg.heads, cfg.qk_norm, rope)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.mlp = None if use_moe else build_ffn(cfg.ffn, D, int(round(cfg.mlp_ratio * D)))
+        self.mlp = None if use_moe else build_ffn(cfg.dense_ffn or cfg.ffn, D, int(round(cfg.mlp_ratio * D)))
         target_dim = cfg.patch_size ** 2 * cfg.in_channels  # race's per-layer target head predicts this
         self.moe = MoELayer(D, cfg.moe, cfg.ffn, target_dim) if use_moe else None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))

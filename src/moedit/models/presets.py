@@ -89,15 +89,15 @@ def _dsmoe(depth: int, width: int, heads: int, experts: int, top_k: int, hidden:
            groups: int) -> dict:
     """DSMoE (DeepSeek-style): SwiGLU routed experts plus one shared SwiGLU expert of the same width in
     the odd blocks; sigmoid scores, selection-only bias, top-k renormalised then scaled; 2-D RoPE with
-    the released code's rotate-half pairing.
-    The released dense blocks use a SiLU MLP of width 4D (8D² weights); moedit's `ffn` covers dense
-    and expert FFNs alike, so they become SwiGLU of width 8D/3 — the same 8D² weights."""
+    the released code's rotate-half pairing. The even (dense) blocks are the released code's SiLU MLP of
+    width 4D with biases (`dense_ffn: mlp_silu`)."""
     router = dict(name="topk", score="sigmoid", top_k=top_k, normalize=True, scale=scale, selection_bias=True,
                   num_groups=groups, top_groups=groups)
     moe = dict(num_experts=experts, expert_ratio=hidden / width, num_shared=1, shared_ratio=hidden / width,
                placement="interleaved", router=router)
     return dict(depth=depth, width=width, heads=heads, patch_size=2, **_IMAGENET_LATENT_256,
-                pos_embed="rope", rope_pairing="rotate_half", ffn="swiglu", mlp_ratio=8 / 3, moe=moe)
+                pos_embed="rope", rope_pairing="rotate_half", ffn="swiglu", dense_ffn="mlp_silu", mlp_ratio=4.0,
+                moe=moe)
 
 
 def _paper_presets() -> dict[str, dict]:

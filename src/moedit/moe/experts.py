@@ -26,6 +26,7 @@ from torch import nn
 
 
 LAYOUTS = ("row", "col")
+KINDS = ("mlp", "swiglu")  # the FFN kinds an expert can be (models/ffn.py has these and dense-only ones)
 
 
 def _stacked(E: int, rows: int, cols: int, layout: str) -> nn.Parameter:
@@ -65,8 +66,8 @@ class StackedExperts(nn.Module):
 
     def __init__(self, num_experts: int, width: int, hidden: int, kind: str = "mlp", layout: str = "row"):
         super().__init__()
-        if kind not in ("mlp", "swiglu"):
-            raise ValueError(f"expert kind {kind!r} is unknown; choose mlp or swiglu")
+        if kind not in KINDS:
+            raise ValueError(f"expert kind {kind!r} is unknown; choose one of: {', '.join(KINDS)}")
         if layout not in LAYOUTS:
             raise ValueError(f"expert weight layout {layout!r} is unknown; choose {' or '.join(LAYOUTS)}")
         self.num_experts, self.width, self.hidden, self.kind, self.layout = num_experts, width, hidden, kind, layout
