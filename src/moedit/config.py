@@ -75,6 +75,9 @@ class RouterConfig:
     ema_threshold: bool = True  # race: eval routes by the EMA threshold (batch independent); false = batch top-K
     target_head: bool = True  # race: per-layer regularisation head predicting the training target
     predictor_hidden: int | None = None  # diffmoe capacity predictor width; None = model width
+    # diffmoe at inference: threshold (a token takes expert e when σ(P(x))_e > θ_e; batch-independent) |
+    # topk (DiffMoE's code: e takes the k_e best-scored tokens of the call, k_e = tokens above θ_e; diffmoe.py)
+    capacity_inference: str = "threshold"
     prototype_std: float = 0.02  # promoe: prototypes ~ N(0, std^2)
     contrastive_tau: float = 0.07  # promoe: routing contrastive loss temperature
 
@@ -633,6 +636,7 @@ def _validate_moe(moe: MoEConfig) -> None:
     if r.gate is not None:  # null only for routers without a gate network (promoe: prototypes)
         _choice(r.gate, tuple(GATES), "model.moe.router.gate")
     _choice(r.score, tuple(SCORES), "model.moe.router.score")
+    _choice(r.capacity_inference, ("threshold", "topk"), "model.moe.router.capacity_inference")
     if moe.num_experts < 1:
         raise ConfigError("model.moe.num_experts must be at least 1")
     _positive(moe, "model.moe", ("expert_ratio",), " (expert hidden width = expert_ratio · model.width)")

@@ -207,3 +207,26 @@ def test_an_expert_kind_moedit_lacks_is_a_config_error_and_conversion_refuses_mi
     dense_cfg = from_dict({"model": {"preset": "micro", "image_size": 8, "patch_size": 2, "dense_ffn": "mlp_silu"}}).model
     with pytest.raises(ConversionError, match="dense_ffn=mlp_silu but experts would run model.ffn=mlp"):
         convert_dense(build_model(dense_cfg), dense_cfg, {"num_experts": 2, "expert_ratio": 4.0})
+
+
+def test_diffmoes_released_inference_takes_the_best_scored_tokens_of_each_pool():
+    torch.manual_seed(3)
+    router = DiffMoERouter(8, 4, RouterConfig(name="diffmoe", capacity=1.0, capacity_inference="topk")).eval()
+    with torch.no_grad():
+        router.threshold.value_X.copy_(torch.tensor([0.3, 0.5, 0.55, 0.7]))
+    B, L = 4, 5
+    x = torch.randn(B * L, 8)
+    labels = torch.tensor([1, 10, 2, 10])  # samples 1 and 3: null label (10) -> a pool of their own
+    routing = router(x, RoutingContext(batch=B, seq_len=L, labels_B=labels, null_label=10))
+    prob = torch.sigmoid(router.predictor(x)).detach()
+    scores = torch.softmax(router.gate(x, RoutingContext(batch=B, seq_len=L)), -1).detach()
+    want = set()
+    for pool in ([0, 2], [1, 3]):  # DiffMoE's sampler: conditional and unconditional calls apart
+        rows = torch.cat([torch.arange(b * L, (b + 1) * L) for b in pool])
+        for e in range(4):
+            k = int((prob[rows, e] > router.threshold.value_X[e]).sum())
+            want |= {(int(rows[i]), e) for i in scores[rows, e].topk(k).indices}
+    got = set(zip(routing.token_M.tolist(), routing.expert_M.tolist()))
+    assert got == want and len(want) > 0
+    threshold_rule = {(i, e) for i in range(B * L) for e in range(4) if prob[i, e] > router.threshold.value_X[e]}
+    assert got != threshold_rule  # same counts per pool and expert, other tokens: the modes differ

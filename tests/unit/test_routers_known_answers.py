@@ -293,7 +293,7 @@ def test_promoe_top1_fast_path_agrees_with_the_general_path(labels) -> None:
         with torch.autocast("cpu", enabled=False):
             cos_NE = F.normalize(xg, dim=-1) @ F.normalize(router.prototypes_ED, dim=-1).T
         weights_NE = cos_NE  # identity score
-        uncond_N = router.unconditional_N(ctx, x.device)
+        uncond_N = ctx.null_tokens_N(x.device)
         r = router._route_top1(xg, cos_NE, weights_NE, uncond_N) if fast else router._route(xg, cos_NE, weights_NE, uncond_N, 1)
         y = dispatch(xg, r, experts, "loop")
         ((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + r.aux["contrastive"]).backward()

@@ -44,6 +44,12 @@ class RoutingContext:
     target_BLP: torch.Tensor | None = None
     t_B: torch.Tensor | None = None
 
+    def null_tokens_N(self, device: torch.device) -> torch.Tensor:
+        """True for every token of a null-label sample (all False for a model without labels)."""
+        if self.labels_B is None or self.null_label is None:
+            return torch.zeros(self.batch * self.seq_len, dtype=torch.bool, device=device)
+        return (self.labels_B == self.null_label).repeat_interleave(self.seq_len)
+
 
 @dataclass
 class Routing:

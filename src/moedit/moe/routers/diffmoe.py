@@ -17,8 +17,14 @@ Inference (`eval()`), dynamic and batch-independent: expert e takes every token 
 probability exceeds its threshold, M_{i,e} = [σ(P(x_i))_e > θ_e], with the gate score as weight.
 [choice] The paper ranks tokens by gate score inside a predicted per-batch capacity; a per-token
 threshold is the form that keeps a sample's output independent of its batch (CFG doubles the batch),
-so it is the one implemented. Compute per sample varies with the input. Before the first optimizer
-step θ_e = 0 (every token to every expert, as DiffMoE's untrained threshold).
+so it is the default. Compute per sample varies with the input. Before the first optimizer step θ_e = 0
+(every token to every expert, as DiffMoE's untrained threshold).
+
+`capacity_inference: topk` is DiffMoE's released inference instead, for its checkpoints (moedit import):
+expert e takes k_e = |{i : σ(P(x_i))_e > θ_e}| tokens, the k_e with the highest gate scores s_ie, from
+the pool of one forward call; conditional and null-label samples form separate pools, as DiffMoE's
+sampler runs them in separate calls while moedit's guidance runs them in one. A sample's routing then
+depends on the other samples of its pool.
 """
 
 from __future__ import annotations
@@ -89,9 +95,27 @@ class DiffMoERouter(Router):
             token_M = token_CE.reshape(-1)
             expert_M = torch.arange(E, device=x_ND.device).repeat(C)
         else:
-            chosen_NE = torch.sigmoid(pred_logits_NE) > self.threshold.value_X
-            token_M, expert_M = chosen_NE.nonzero(as_tuple=True)
+            above_NE = torch.sigmoid(pred_logits_NE) > self.threshold.value_X
+            if self.cfg.capacity_inference == "topk":
+                above_NE = pooled_topk(above_NE, scores_NE.detach(), ctx.null_tokens_N(x_ND.device))
+            token_M, expert_M = above_NE.nonzero(as_tuple=True)
         return Routing.from_assignments(token_M, expert_M, scores_NE[token_M, expert_M], N, E, aux, scores_NE)
 
     def after_optimizer_step(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.threshold.update(reduce_fn)
+
+
+def pooled_topk(above_NE: torch.Tensor, scores_NE: torch.Tensor, pool_N: torch.Tensor) -> torch.Tensor:
+    """DiffMoE's inference choice (module docstring): in each pool, expert e keeps its k_e best-scored
+    tokens, k_e = the pool's tokens in `above_NE[:, e]`. Ranks instead of a topk per expert: no host sync
+    per expert (the at most two pools cost one)."""
+    chosen_NE = torch.zeros_like(above_NE)
+    for pool in pool_N.unique().tolist():
+        rows_P = (pool_N == pool).nonzero().squeeze(1)
+        s_PE = scores_NE[rows_P]
+        order_PE = s_PE.argsort(dim=0, descending=True)
+        rank_PE = torch.empty_like(order_PE)
+        positions_PE = torch.arange(len(rows_P), device=s_PE.device)[:, None].expand_as(order_PE)
+        rank_PE.scatter_(0, order_PE, positions_PE)
+        chosen_NE[rows_P] = rank_PE < above_NE[rows_P].sum(0)
+    return chosen_NE

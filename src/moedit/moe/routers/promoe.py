@@ -78,18 +78,12 @@ class ProMoERouter(Router):
         self.num_experts, self.cfg = num_experts, cfg
         self.prototypes_ED = nn.Parameter(torch.randn(num_experts, width) * cfg.prototype_std)
 
-    def unconditional_N(self, ctx: RoutingContext, device: torch.device) -> torch.Tensor:
-        """True for every token of a null-label sample (all False for a model without labels)."""
-        if ctx.labels_B is None or ctx.null_label is None:
-            return torch.zeros(ctx.batch * ctx.seq_len, dtype=torch.bool, device=device)
-        return (ctx.labels_B == ctx.null_label).repeat_interleave(ctx.seq_len)
-
     def forward(self, x_ND: torch.Tensor, ctx: RoutingContext) -> Routing:
         N, E, k = x_ND.shape[0], self.num_experts, self.cfg.top_k
         with torch.autocast(x_ND.device.type, enabled=False):  # routing math in float32
             cos_NE = F.normalize(x_ND.float(), dim=-1) @ F.normalize(self.prototypes_ED.float(), dim=-1).T
         weights_NE = score(cos_NE, self.cfg.score)
-        uncond_N = self.unconditional_N(ctx, x_ND.device)
+        uncond_N = ctx.null_tokens_N(x_ND.device)
         if k == 1:
             return self._route_top1(x_ND, cos_NE, weights_NE, uncond_N)
         return self._route(x_ND, cos_NE, weights_NE, uncond_N, k)
