@@ -9,7 +9,7 @@ HELP = "import a peer's MoE-DiT checkpoint (DiT-MoE, ProMoE-TC) as a moedit run 
 def add_arguments(p) -> None:
     p.add_argument("checkpoint", help="the peer's .pt/.pth/.safetensors file (a training checkpoint's EMA weights by default)")
     p.add_argument("--out", required=True, help="new run directory to write (never overwritten)")
-    p.add_argument("--layout", default="auto", help="auto (read off the key names), dit_moe or promoe_tc")
+    p.add_argument("--layout", default="auto", help="auto (read off the key names), dit_moe, promoe_tc or diffmoe")
     p.add_argument("--objective", choices=("ddpm", "rectified_flow"),
                    help="what the checkpoint was trained with: decides the time convention and sampler "
                         "(default: DiT-MoE ddpm, ProMoE-TC rectified_flow, the only one it trains)")

@@ -1,6 +1,6 @@
 """Importing a peer's released MoE-DiT checkpoint into a moedit run, weight for weight.
 
-Two layouts: DiT-MoE (`dit_moe`) and ProMoE's token-choice model (`promoe_tc`); docs/CONVERT.md lists
+Three layouts: DiT-MoE (`dit_moe`), ProMoE's token-choice model (`promoe_tc`) and DiffMoE (`diffmoe`); docs/CONVERT.md lists
 what each layout holds and how it maps. A layout is recognised by its key names, its configuration read
 off the shapes, and every key goes through an explicit table that refuses unmapped, missing or
 misshapen keys. The imported model computes the peer model's output: same (x_t, t, y) → same
@@ -41,6 +41,21 @@ expert, or MoE blocks neither all nor the odd ones.
 Time: rectified flow only (their train.py): x_t = (1 − σ)·x + σ·ε, v = ε − x, the embedder fed 1000·σ:
 moedit's t = σ with t_scale 1000. Their loss never reads the learned-sigma channels (they are kept by
 default for exactness, `--learn-sigma drop` removes them).
+
+DiffMoE (Shi et al., arXiv 2503.14487; its model as shipped in ali-vilab/ProMoE and yhlleo/EfficientMoE
+`models/models_DiffMoE.py`, trained and sampled by the same scripts as ProMoE: the same time convention):
+
+    blocks.{i}.mlp.gate_weight                           (E, D)  softmax gate, no bias -> moe.router.gate
+    blocks.{i}.mlp.capacity_predictor.{0,2}.*            D→D, SiLU, D→E                -> moe.router.predictor.fc1/fc2
+    blocks.{i}.mlp.expert_threshold, .ema_decay          θ (E,), its EMA decay         -> moe.router.threshold
+    blocks.{i}.mlp.experts.{e}.fc{1,2}.*                 timm Mlp, GELU(tanh), biases  -> moe.experts (stacked)
+    blocks.{i}.mlp.shared_experts.fc{1,2}.*              optional always-on Mlp        -> moe.shared
+    blocks.{j}.mlp.fc{1,2}.*                             dense blocks                  -> mlp.fc{1,2}
+
+Inference is DiffMoE's own (router `capacity_inference: topk`): expert e takes the k_e best-scored tokens
+of a call, k_e = the tokens with σ(P(x))_e > θ_e; their sampler calls the conditional and unconditional
+halves apart, which the router reproduces by pooling them apart. The capacity (training only) is not in
+the weights: `--top-k` (their configs: 1).
 """
 
 from __future__ import annotations
@@ -57,7 +72,7 @@ from moedit.convert.sources import TORCH_SUFFIXES, LEARN_SIGMA, dit_backbone_con
 from moedit.convert.workflow import check_out, write_run
 from moedit.models import build_model
 
-LAYOUTS = ("dit_moe", "promoe_tc")
+LAYOUTS = ("dit_moe", "promoe_tc", "diffmoe")
 OBJECTIVES = {  # the peer's training objective -> moedit's run settings for it (DiT-MoE's time conventions)
     "ddpm": {"model": {"t_scale": 1000.0},
              "objective": {"name": "ddpm", "beta_schedule": "linear", "ddpm_steps": 1000},
@@ -72,9 +87,11 @@ PROMOE_OBJECTIVES = {"rectified_flow": {"model": {"t_scale": 1000.0},
                                         "sample": {"sampler": "euler", "steps": 250}}}
 PROMOE_NULL_LABEL = 1000  # hard-coded in their SparseMoeBlock.compute_router
 DEFAULTS = {"dit_moe": {"objective": "ddpm", "top_k": 2, "score": "softmax"},  # what the weights do not say
-            "promoe_tc": {"objective": "rectified_flow", "top_k": 1, "score": "identity"}}
-NAMES = {"dit_moe": "DiT-MoE", "promoe_tc": "ProMoE-TC"}
-SOURCES = {"dit_moe": "a feizc/DiT-MoE checkpoint", "promoe_tc": "an ali-vilab/ProMoE token-choice checkpoint"}
+            "promoe_tc": {"objective": "rectified_flow", "top_k": 1, "score": "identity"},
+            "diffmoe": {"objective": "rectified_flow", "top_k": 1, "score": "softmax"}}  # top_k: the capacity
+NAMES = {"dit_moe": "DiT-MoE", "promoe_tc": "ProMoE-TC", "diffmoe": "DiffMoE"}
+SOURCES = {"dit_moe": "a feizc/DiT-MoE checkpoint", "promoe_tc": "an ali-vilab/ProMoE token-choice checkpoint",
+           "diffmoe": "a DiffMoE checkpoint (models_DiffMoE.py of ali-vilab/ProMoE or yhlleo/EfficientMoE)"}
 
 _EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _SHARED = re.compile(r"^blocks\.(\d+)\.moe\.shared_experts\.(gate|up|down)_proj\.weight$")
@@ -92,6 +109,13 @@ _PRO_STACKED = {("up", "weight"): "w1_EDH", ("up", "bias"): "b1_EH",  # moedit's
                 ("down", "weight"): "w2_EHD", ("down", "bias"): "b2_ED"}
 _PRO_DENSE_NAME = {"fc1": "fc1", "fc2": "fc2", "up_proj": "fc1", "down_proj": "fc2"}
 _QK_NORM = re.compile(r"^blocks\.\d+\.attn\.[qk]_norm\.")
+# DiffMoE (its model as shipped with ali-vilab/ProMoE and yhlleo/EfficientMoE, models_DiffMoE.py)
+_DIFF_GATE = re.compile(r"^blocks\.(\d+)\.mlp\.gate_weight$")
+_DIFF_EXPERT = re.compile(r"^blocks\.(\d+)\.mlp\.experts\.(\d+)\.(fc1|fc2)\.(weight|bias)$")
+_DIFF_SHARED = re.compile(r"^blocks\.(\d+)\.mlp\.shared_experts\.(fc1|fc2)\.(weight|bias)$")
+_DIFF_PREDICTOR = re.compile(r"^blocks\.(\d+)\.mlp\.capacity_predictor\.([02])\.(weight|bias)$")
+_DIFF_BUFFER = re.compile(r"^blocks\.(\d+)\.mlp\.(expert_threshold|ema_decay)$")
+_DIFF_STACKED = {("fc1", "weight"): "w1_EDH", ("fc1", "bias"): "b1_EH", ("fc2", "weight"): "w2_EHD", ("fc2", "bias"): "b2_ED"}
 
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str | None:
@@ -100,6 +124,9 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str | None:
     centers = [m.group(1) for k in state if (m := _PRO_CENTERS.match(k))]
     if centers and f"blocks.{centers[0]}.mlp.experts.0.up_proj.weight" in state:
         return "promoe_tc"
+    gates = [m.group(1) for k in state if (m := _DIFF_GATE.match(k))]
+    if gates and f"blocks.{gates[0]}.mlp.capacity_predictor.0.weight" in state:
+        return "diffmoe"
     return None
 
 
@@ -162,6 +189,37 @@ def promoe_tc_config(state: dict[str, torch.Tensor], heads: int | None, top_k: i
     mlp_ratio = {} if dense is None else {"mlp_ratio": dense.shape[0] / D}
     out = model.pop("out_channels")
     return {**model, "ffn": "mlp", **mlp_ratio, "out_channels": out if learn_sigma == "keep" else None, "moe": moe}
+
+
+def diffmoe_config(state: dict[str, torch.Tensor], heads: int | None, top_k: int, learn_sigma: str,
+                   score: str = "softmax") -> dict:
+    """The moedit `model` section of a DiffMoE state dict: the `diffmoe` router with DiffMoE's released
+    inference (`capacity_inference: topk`), its capacity (`top_k` here: not stored in the weights; their
+    configs: 1) and the EMA decay of its threshold buffer."""
+    if qk := sorted(k for k in state if _QK_NORM.match(k)):
+        raise ConversionError(f"the checkpoint has q/k norm weights ({qk[0]}, …), which moedit's attention lacks")
+    if score != "softmax":
+        raise ConfigError(f"--score {score}: DiffMoE's gate is a softmax")
+    model = dit_backbone_config(state, heads)
+    D, depth = model["width"], model["depth"]
+    moe_blocks = sorted({int(m.group(1)) for k in state if (m := _DIFF_GATE.match(k))})
+    placement = {tuple(range(depth)): "all", tuple(range(1, depth, 2)): "interleaved"}.get(tuple(moe_blocks))
+    if placement is None:
+        raise ConversionError(f"MoE blocks {moe_blocks} of {depth}: moedit places MoE in all or in the odd blocks")
+    first = moe_blocks[0]
+    E = state[f"blocks.{first}.mlp.gate_weight"].shape[0]
+    _check_top_k(top_k, E)
+    hidden = state[f"blocks.{first}.mlp.experts.0.fc1.weight"].shape[0]
+    shared = state.get(f"blocks.{first}.mlp.shared_experts.fc1.weight")
+    decay = state.get(f"blocks.{first}.mlp.ema_decay", torch.tensor([0.95]))
+    router = dict(name="diffmoe", gate="linear", score="softmax", top_k=top_k, capacity=float(top_k),
+                  threshold_decay=round(float(decay.reshape(-1)[0]), 6), predictor_hidden=D, capacity_inference="topk")
+    moe = dict(num_experts=E, expert_ratio=hidden / D, num_shared=0 if shared is None else 1,
+               shared_ratio=None if shared is None else shared.shape[0] / D, placement=placement, router=router)
+    dense = next((v for k, v in state.items() if re.match(r"^blocks\.\d+\.mlp\.fc1\.weight$", k)), None)
+    out = model.pop("out_channels")
+    return {**model, "ffn": "mlp", **({} if dense is None else {"mlp_ratio": dense.shape[0] / D}),
+            "out_channels": out if learn_sigma == "keep" else None, "moe": moe}
 
 
 def _check_top_k(top_k: int, E: int) -> None:
@@ -258,6 +316,37 @@ def _promoe_tc_target(key: str, tensor: torch.Tensor):
     return None, None
 
 
+def _diffmoe_target(key: str, tensor: torch.Tensor):
+    """DiffMoE's FFN keys: gate_weight -> the linear gate; capacity_predictor.0/.2 -> predictor.fc1/fc2;
+    expert_threshold -> threshold.value_X (used as trained); ema_decay -> the threshold's update counter
+    (set to 1: the config carries the decay itself); experts' timm fc1/fc2 transposed and stacked; the
+    shared expert with a leading expert axis of 1; dense blocks' fc1/fc2 as they are (the backbone map)."""
+    if m := _DIFF_GATE.match(key):
+        return f"blocks.{m.group(1)}.moe.router.gate.net.head.weight", tensor
+    if m := _DIFF_PREDICTOR.match(key):
+        i, layer, kind = m.groups()
+        return f"blocks.{i}.moe.router.predictor.{'fc1' if layer == '0' else 'fc2'}.{kind}", tensor
+    if m := _DIFF_BUFFER.match(key):
+        if m.group(2) == "expert_threshold":
+            return f"blocks.{m.group(1)}.moe.router.threshold.value_X", tensor
+        return f"blocks.{m.group(1)}.moe.router.threshold.updates", torch.ones((), dtype=torch.int64)
+    if m := _DIFF_EXPERT.match(key):
+        i, e, fc, kind = m.groups()
+        return (f"blocks.{i}.moe.experts.{_DIFF_STACKED[fc, kind]}", int(e)), tensor.T if kind == "weight" else tensor
+    if m := _DIFF_SHARED.match(key):
+        i, fc, kind = m.groups()
+        return f"blocks.{i}.moe.shared.{_DIFF_STACKED[fc, kind]}", (tensor.T if kind == "weight" else tensor)[None]
+    if m := re.match(r"^blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", key):
+        return key, tensor
+    return None, None
+
+
+def map_diffmoe(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                patch: int) -> dict[str, torch.Tensor]:
+    """moedit tensors for every key of the target model from a DiffMoE state dict (`_diffmoe_target`)."""
+    return _map(state, target, patch, _diffmoe_target, "diffmoe")
+
+
 def _first_channels(w: torch.Tensor, patch: int, target: torch.Tensor | None) -> torch.Tensor:
     """final_layer.linear rows in DiT's (p, q, c) order, cut to the model's channels (learned σ dropped)."""
     pp = patch * patch
@@ -276,9 +365,9 @@ def _refuse(unmapped: list[str], mismatched: list[str], missing: list[str], layo
                               + "\n  ".join(lines) + f"\nCheck that it is {SOURCES[layout]}, and --heads.")
 
 
-LAYOUT_CONFIG = {"dit_moe": dit_moe_config, "promoe_tc": promoe_tc_config}
-LAYOUT_MAP = {"dit_moe": map_dit_moe, "promoe_tc": map_promoe_tc}
-LAYOUT_OBJECTIVES = {"dit_moe": OBJECTIVES, "promoe_tc": PROMOE_OBJECTIVES}
+LAYOUT_CONFIG = {"dit_moe": dit_moe_config, "promoe_tc": promoe_tc_config, "diffmoe": diffmoe_config}
+LAYOUT_MAP = {"dit_moe": map_dit_moe, "promoe_tc": map_promoe_tc, "diffmoe": map_diffmoe}
+LAYOUT_OBJECTIVES = {"dit_moe": OBJECTIVES, "promoe_tc": PROMOE_OBJECTIVES, "diffmoe": PROMOE_OBJECTIVES}
 
 
 def read_peer_state(source: Path, raw: bool) -> tuple[dict[str, torch.Tensor], str]:
