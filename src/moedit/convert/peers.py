@@ -227,20 +227,6 @@ def _check_top_k(top_k: int, E: int) -> None:
         raise ConfigError(f"--top-k {top_k} must be between 1 and the checkpoint's {E} experts")
 
 
-def map_dit_moe(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
-                patch: int) -> dict[str, torch.Tensor]:
-    """moedit tensors for every key of the target model from a DiT-MoE state dict (`_dit_moe_target`);
-    raises listing every unmapped, missing or misshapen key."""
-    return _map(state, target, patch, _dit_moe_target, "dit_moe")
-
-
-def map_promoe_tc(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
-                  patch: int) -> dict[str, torch.Tensor]:
-    """moedit tensors for every key of the target model from a ProMoE-TC state dict (`_promoe_tc_target`);
-    raises listing every unmapped, missing or misshapen key."""
-    return _map(state, target, patch, _promoe_tc_target, "promoe_tc")
-
-
 def _map(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], patch: int,
          target_of: Callable, layout: str) -> dict[str, torch.Tensor]:
     """Every key through `target_of` (-> a model key, or (stacked key, expert index), or None), experts
@@ -307,10 +293,10 @@ def _promoe_tc_target(key: str, tensor: torch.Tensor):
         return f"blocks.{m.group(1)}.moe.router.prototypes_ED", tensor
     if m := _PRO_EXPERT.match(key):
         i, e, proj, kind = m.groups()
-        return (f"blocks.{i}.moe.experts.{_PRO_STACKED[proj, kind]}", int(e)), tensor.T if kind == "weight" else tensor
+        return _expert_entry(i, "experts", _PRO_STACKED[proj, kind], int(e), tensor, kind == "weight")
     if m := _PRO_SHARED.match(key):
         i, proj, kind = m.groups()
-        return f"blocks.{i}.moe.shared.{_PRO_STACKED[proj, kind]}", (tensor.T if kind == "weight" else tensor)[None]
+        return _expert_entry(i, "shared", _PRO_STACKED[proj, kind], None, tensor, kind == "weight")
     if m := _PRO_DENSE.match(key):
         return f"blocks.{m.group(1)}.mlp.{_PRO_DENSE_NAME[m.group(2)]}.{m.group(3)}", tensor
     return None, None
@@ -332,19 +318,21 @@ def _diffmoe_target(key: str, tensor: torch.Tensor):
         return f"blocks.{m.group(1)}.moe.router.threshold.updates", torch.ones((), dtype=torch.int64)
     if m := _DIFF_EXPERT.match(key):
         i, e, fc, kind = m.groups()
-        return (f"blocks.{i}.moe.experts.{_DIFF_STACKED[fc, kind]}", int(e)), tensor.T if kind == "weight" else tensor
+        return _expert_entry(i, "experts", _DIFF_STACKED[fc, kind], int(e), tensor, kind == "weight")
     if m := _DIFF_SHARED.match(key):
         i, fc, kind = m.groups()
-        return f"blocks.{i}.moe.shared.{_DIFF_STACKED[fc, kind]}", (tensor.T if kind == "weight" else tensor)[None]
+        return _expert_entry(i, "shared", _DIFF_STACKED[fc, kind], None, tensor, kind == "weight")
     if m := re.match(r"^blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", key):
         return key, tensor
     return None, None
 
 
-def map_diffmoe(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
-                patch: int) -> dict[str, torch.Tensor]:
-    """moedit tensors for every key of the target model from a DiffMoE state dict (`_diffmoe_target`)."""
-    return _map(state, target, patch, _diffmoe_target, "diffmoe")
+def _expert_entry(block: str, group: str, name: str, expert: int | None, tensor: torch.Tensor, is_weight: bool):
+    """A routed expert's tensor (group "experts", stacked by index) or the shared expert's (group "shared",
+    with a leading expert axis of 1); weights transposed from nn.Linear's (out, in) to moedit's (in, out)."""
+    value = tensor.T if is_weight else tensor
+    key = f"blocks.{block}.moe.{group}.{name}"
+    return ((key, expert), value) if expert is not None else (key, value[None])
 
 
 def _first_channels(w: torch.Tensor, patch: int, target: torch.Tensor | None) -> torch.Tensor:
@@ -366,7 +354,8 @@ def _refuse(unmapped: list[str], mismatched: list[str], missing: list[str], layo
 
 
 LAYOUT_CONFIG = {"dit_moe": dit_moe_config, "promoe_tc": promoe_tc_config, "diffmoe": diffmoe_config}
-LAYOUT_MAP = {"dit_moe": map_dit_moe, "promoe_tc": map_promoe_tc, "diffmoe": map_diffmoe}
+# each layout's keys beyond DiT's backbone: key -> (model key | (stacked key, expert), tensor) or (None, None)
+LAYOUT_TARGETS = {"dit_moe": _dit_moe_target, "promoe_tc": _promoe_tc_target, "diffmoe": _diffmoe_target}
 LAYOUT_OBJECTIVES = {"dit_moe": OBJECTIVES, "promoe_tc": PROMOE_OBJECTIVES, "diffmoe": PROMOE_OBJECTIVES}
 
 
@@ -428,7 +417,7 @@ def import_run(source: str | Path, out: str | Path, layout: str = "auto", object
     cfg = from_dict(apply_overrides(data, overrides or []))
     net = build_model(cfg.model)
     target = net.state_dict()
-    tensors = LAYOUT_MAP[layout](state, target, cfg.model.patch_size)
+    tensors = _map(state, target, cfg.model.patch_size, LAYOUT_TARGETS[layout], layout)
     pos = tensors.pop("__pos_embed__", None)
     if pos is not None:
         grid = cfg.model.image_size // cfg.model.patch_size
