@@ -52,9 +52,10 @@ def dit_state_dict(D=32, depth=2, C=4, p=2, grid=4, classes=5, learn_sigma=True,
     return sd
 
 
-def dit_reference_forward(sd, x, t_int, y, heads, p, ffn=None):
+def dit_reference_forward(sd, x, t_int, y, heads, p, ffn=None, rope=None):
     """facebookresearch/DiT's DiT.forward (timm PatchEmbed, Attention, Mlp), transcribed for a state dict;
-    `ffn(i, h)` replaces block i's MLP (DiT-MoE's MoE layer), `t_int` is what their embedder is fed."""
+    `ffn(i, h)` replaces block i's MLP (DiT-MoE's MoE layer), `rope(q_BHNd)` rotates q and k (a state dict
+    without pos_embed then), `t_int` is what their embedder is fed."""
     def lin(h, name):
         return F.linear(h, sd[f"{name}.weight"], sd[f"{name}.bias"])
 
@@ -67,7 +68,8 @@ def dit_reference_forward(sd, x, t_int, y, heads, p, ffn=None):
         return F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
     h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p).flatten(2).transpose(1, 2)
-    h = h + sd["pos_embed"]
+    if "pos_embed" in sd:
+        h = h + sd["pos_embed"]
     c = lin(F.silu(lin(dit_timestep_embedding(t_int), "t_embedder.mlp.0")), "t_embedder.mlp.2")
     c = c + sd["y_embedder.embedding_table.weight"][y]
     B, N, D = h.shape
@@ -75,6 +77,8 @@ def dit_reference_forward(sd, x, t_int, y, heads, p, ffn=None):
     for i in range(depth):
         s1, sc1, g1, s2, sc2, g2 = lin(F.silu(c), f"blocks.{i}.adaLN_modulation.1").chunk(6, dim=1)
         q, k, v = lin(modulate(h, s1, sc1), f"blocks.{i}.attn.qkv").reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = rope(q), rope(k)
         attn = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
         h = h + g1[:, None] * lin(attn.transpose(1, 2).reshape(B, N, D), f"blocks.{i}.attn.proj")
         h = h + g2[:, None] * ffn(i, modulate(h, s2, sc2))

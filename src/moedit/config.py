@@ -121,6 +121,9 @@ class ModelConfig:
     # the timestep embedder reads t_scale·t (t ∈ [0, 1]): 1000 is DiT's integer-step scale; 1 is DiT-MoE's
     # rectified-flow code, which feeds t itself (moedit import, docs/CONVERT.md)
     t_scale: float = 1000.0
+    # the embedder reads t_scale·(1 − t) instead: a checkpoint whose time runs from noise (0) to data (1), as
+    # DSMoE's rectified flow (moedit's t: 0 data, 1 noise, everywhere else)
+    t_flip: bool = False
     ffn: str = "mlp"  # mlp (GELU-tanh, DiT) | swiglu; used by dense FFNs and experts alike
     dense_ffn: str | None = None  # the dense blocks' FFN when it differs: null = ffn | mlp | swiglu | mlp_silu (DSMoE)
     mlp_ratio: float = 4.0  # dense FFN hidden width = mlp_ratio * width

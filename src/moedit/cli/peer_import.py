@@ -9,7 +9,7 @@ HELP = "import a peer's MoE-DiT checkpoint (DiT-MoE, ProMoE-TC) as a moedit run 
 def add_arguments(p) -> None:
     p.add_argument("checkpoint", help="the peer's .pt/.pth/.safetensors file (a training checkpoint's EMA weights by default)")
     p.add_argument("--out", required=True, help="new run directory to write (never overwritten)")
-    p.add_argument("--layout", default="auto", help="auto (read off the key names), dit_moe, promoe_tc or diffmoe")
+    p.add_argument("--layout", default="auto", help="auto (read off the key names), dit_moe, promoe_tc, diffmoe or dsmoe")
     p.add_argument("--objective", choices=("ddpm", "rectified_flow"),
                    help="what the checkpoint was trained with: decides the time convention and sampler "
                         "(default: DiT-MoE ddpm, ProMoE-TC rectified_flow, the only one it trains)")
@@ -20,6 +20,8 @@ def add_arguments(p) -> None:
                         "cosine similarities (default identity, their configs'); DiT-MoE: softmax only")
     p.add_argument("--learn-sigma", choices=("keep", "drop"), default="keep",
                    help="checkpoints with 2·C outputs: keep the learned-sigma channels or drop them")
+    p.add_argument("--image-size", type=int, help="latent side of a RoPE checkpoint (DSMoE), which has no position "
+                                                   "table to read it off (default 32: ImageNet 256 in SD-VAE latents)")
     p.add_argument("--raw", action="store_true", help="import the raw weights of a training checkpoint instead of EMA")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides of the output run config, e.g. sample.cfg_scale=1.5")
@@ -29,5 +31,6 @@ def run(args) -> int:
     from moedit.convert.peers import import_run
 
     import_run(args.checkpoint, args.out, layout=args.layout, objective=args.objective, heads=args.heads,
-               top_k=args.top_k, score=args.score, learn_sigma=args.learn_sigma, raw=args.raw, overrides=args.set)
+               top_k=args.top_k, score=args.score, learn_sigma=args.learn_sigma, raw=args.raw, overrides=args.set,
+               image_size=args.image_size)
     return 0

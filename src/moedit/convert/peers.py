@@ -1,6 +1,7 @@
 """Importing a peer's released MoE-DiT checkpoint into a moedit run, weight for weight.
 
-Three layouts: DiT-MoE (`dit_moe`), ProMoE's token-choice model (`promoe_tc`) and DiffMoE (`diffmoe`); docs/CONVERT.md lists
+Four layouts: DiT-MoE (`dit_moe`), ProMoE's token-choice model (`promoe_tc`), DiffMoE (`diffmoe`) and DSMoE
+(`dsmoe`, its config function's docstring and docs/CONVERT.md say how it maps); docs/CONVERT.md lists
 what each layout holds and how it maps. A layout is recognised by its key names, its configuration read
 off the shapes, and every key goes through an explicit table that refuses unmapped, missing or
 misshapen keys. The imported model computes the peer model's output: same (x_t, t, y) → same
@@ -72,7 +73,7 @@ from moedit.convert.sources import TORCH_SUFFIXES, LEARN_SIGMA, dit_backbone_con
 from moedit.convert.workflow import check_out, write_run
 from moedit.models import build_model
 
-LAYOUTS = ("dit_moe", "promoe_tc", "diffmoe")
+LAYOUTS = ("dit_moe", "promoe_tc", "diffmoe", "dsmoe")
 OBJECTIVES = {  # the peer's training objective -> moedit's run settings for it (DiT-MoE's time conventions)
     "ddpm": {"model": {"t_scale": 1000.0},
              "objective": {"name": "ddpm", "beta_schedule": "linear", "ddpm_steps": 1000},
@@ -88,10 +89,12 @@ PROMOE_OBJECTIVES = {"rectified_flow": {"model": {"t_scale": 1000.0},
 PROMOE_NULL_LABEL = 1000  # hard-coded in their SparseMoeBlock.compute_router
 DEFAULTS = {"dit_moe": {"objective": "ddpm", "top_k": 2, "score": "softmax"},  # what the weights do not say
             "promoe_tc": {"objective": "rectified_flow", "top_k": 1, "score": "identity"},
-            "diffmoe": {"objective": "rectified_flow", "top_k": 1, "score": "softmax"}}  # top_k: the capacity
-NAMES = {"dit_moe": "DiT-MoE", "promoe_tc": "ProMoE-TC", "diffmoe": "DiffMoE"}
+            "diffmoe": {"objective": "rectified_flow", "top_k": 1, "score": "softmax"},  # top_k: the capacity
+            "dsmoe": {"objective": "rectified_flow", "top_k": None, "score": "sigmoid"}}  # top_k: its released config
+NAMES = {"dit_moe": "DiT-MoE", "promoe_tc": "ProMoE-TC", "diffmoe": "DiffMoE", "dsmoe": "DSMoE"}
 SOURCES = {"dit_moe": "a feizc/DiT-MoE checkpoint", "promoe_tc": "an ali-vilab/ProMoE token-choice checkpoint",
-           "diffmoe": "a DiffMoE checkpoint (models_DiffMoE.py of ali-vilab/ProMoE or yhlleo/EfficientMoE)"}
+           "diffmoe": "a DiffMoE checkpoint (models_DiffMoE.py of ali-vilab/ProMoE or yhlleo/EfficientMoE)",
+           "dsmoe": "a yhlleo/EfficientMoE DSMoE checkpoint"}
 
 _EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _SHARED = re.compile(r"^blocks\.(\d+)\.moe\.shared_experts\.(gate|up|down)_proj\.weight$")
@@ -115,6 +118,11 @@ _DIFF_EXPERT = re.compile(r"^blocks\.(\d+)\.mlp\.experts\.(\d+)\.(fc1|fc2)\.(wei
 _DIFF_SHARED = re.compile(r"^blocks\.(\d+)\.mlp\.shared_experts\.(fc1|fc2)\.(weight|bias)$")
 _DIFF_PREDICTOR = re.compile(r"^blocks\.(\d+)\.mlp\.capacity_predictor\.([02])\.(weight|bias)$")
 _DIFF_BUFFER = re.compile(r"^blocks\.(\d+)\.mlp\.(expert_threshold|ema_decay)$")
+# DSMoE (yhlleo/EfficientMoE DSMoE/models/models_DSMoE.py)
+_DS_GATE = re.compile(r"^blocks\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)$")
+_DS_EXPERT = re.compile(r"^blocks\.(\d+)\.mlp\.experts\.blocks\.(\d+)\.(gate|up|down)_proj\.weight$")
+_DS_SHARED = re.compile(r"^blocks\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight$")
+_DS_UNSUPPORTED = re.compile(r"^blocks\.\d+\.(norm[12]\.weight|attn\.(sinks|[qkv]_proj\.|[qk]_norm\.))")
 _DIFF_STACKED = {("fc1", "weight"): "w1_EDH", ("fc1", "bias"): "b1_EH", ("fc2", "weight"): "w2_EHD", ("fc2", "bias"): "b2_ED"}
 
 
@@ -124,6 +132,8 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str | None:
     centers = [m.group(1) for k in state if (m := _PRO_CENTERS.match(k))]
     if centers and f"blocks.{centers[0]}.mlp.experts.0.up_proj.weight" in state:
         return "promoe_tc"
+    if any(_DS_EXPERT.match(k) for k in state):
+        return "dsmoe"
     gates = [m.group(1) for k in state if (m := _DIFF_GATE.match(k))]
     if gates and f"blocks.{gates[0]}.mlp.capacity_predictor.0.weight" in state:
         return "diffmoe"
@@ -219,6 +229,50 @@ def diffmoe_config(state: dict[str, torch.Tensor], heads: int | None, top_k: int
     dense = next((v for k, v in state.items() if re.match(r"^blocks\.\d+\.mlp\.fc1\.weight$", k)), None)
     out = model.pop("out_channels")
     return {**model, "ffn": "mlp", **({} if dense is None else {"mlp_ratio": dense.shape[0] / D}),
+            "out_channels": out if learn_sigma == "keep" else None, "moe": moe}
+
+
+def dsmoe_config(state: dict[str, torch.Tensor], heads: int | None, top_k: int | None, learn_sigma: str,
+                 score: str = "sigmoid", image_size: int = 32) -> dict:
+    """The moedit `model` section of a DSMoE state dict: token choice with sigmoid scores, the selection
+    bias (their e_score_correction_bias), group-limited top-k renormalised then scaled, SwiGLU experts and
+    one shared SwiGLU expert, dense blocks their SiLU MLP, 2-D rotate-half RoPE (no pos_embed) or their
+    sin-cos table. top_k, the scale and the groups are not in the weights: taken from the released config
+    of the same shape (models/presets.py), else `--set model.moe.router.*`."""
+    from moedit.models.presets import _DSMOE
+
+    if bad := sorted(k for k in state if _DS_UNSUPPORTED.match(k)):
+        raise ConversionError(f"the checkpoint has {bad[0]} (…): RMSNorm blocks, attention sinks, grouped-query "
+                              "or q/k-normed attention, which moedit's DiT block does not have")
+    if score != "sigmoid":
+        raise ConfigError(f"--score {score}: DSMoE's scores are sigmoids")
+    p = state["x_embedder.proj.weight"].shape[-1]
+    model = dit_backbone_config(state, heads, rope_grid=image_size // p)
+    D, depth = model["width"], model["depth"]
+    moe_blocks = sorted({int(m.group(1)) for k in state if (m := _DS_GATE.match(k))})
+    placement = {tuple(range(depth)): "all", tuple(range(1, depth, 2)): "interleaved"}.get(tuple(moe_blocks))
+    if placement is None:
+        raise ConversionError(f"MoE blocks {moe_blocks} of {depth}: moedit places MoE in all or in the odd blocks "
+                              "(their skip_first2 has no moedit equivalent)")
+    first = moe_blocks[0]
+    if f"blocks.{first}.mlp.shared_experts.gate_proj.weight" not in state:
+        raise ConversionError("no shared expert: DSMoE then adds the block's input to the MoE output, which "
+                              "moedit's MoE layer does not")
+    E = state[f"blocks.{first}.mlp.gate.weight"].shape[0]
+    hidden = state[f"blocks.{first}.mlp.experts.blocks.0.gate_proj.weight"].shape[0]
+    shared = state[f"blocks.{first}.mlp.shared_experts.gate_proj.weight"].shape[0]
+    released = {(w, e, h): (k, sc, g) for (_, w, _, e, k, h, sc, g) in _DSMOE.values()}.get((D, E, hidden), (2, 1.0, 1))
+    k, scale, groups = released if top_k is None else (top_k, released[1], released[2])
+    _check_top_k(k, E)
+    router = dict(name="topk", gate="linear", score="sigmoid", top_k=k, normalize=True, scale=scale,
+                  selection_bias=True, num_groups=groups, top_groups=groups)
+    moe = dict(num_experts=E, expert_ratio=hidden / D, num_shared=1, shared_ratio=shared / D, placement=placement,
+               router=router)
+    dense = next((v for kk, v in state.items() if re.match(r"^blocks\.\d+\.mlp\.fc1\.weight$", kk)), None)
+    rope = {"rope_pairing": "rotate_half"} if model["pos_embed"] == "rope" else {}
+    out = model.pop("out_channels")
+    return {**model, **rope, "ffn": "swiglu", "dense_ffn": "mlp_silu",
+            **({} if dense is None else {"mlp_ratio": dense.shape[0] / D}),
             "out_channels": out if learn_sigma == "keep" else None, "moe": moe}
 
 
@@ -327,6 +381,21 @@ def _diffmoe_target(key: str, tensor: torch.Tensor):
     return None, None
 
 
+def _dsmoe_target(key: str, tensor: torch.Tensor):
+    """DSMoE's FFN keys: gate.weight -> the linear gate, gate.e_score_correction_bias -> the selection
+    bias; experts' and the shared expert's SwiGLU matrices transposed (stacked); dense blocks' fc1/fc2."""
+    if m := _DS_GATE.match(key):
+        name = "gate.net.head.weight" if m.group(2) == "weight" else "bias_E"
+        return f"blocks.{m.group(1)}.moe.router.{name}", tensor
+    if m := _DS_EXPERT.match(key):
+        return _expert_entry(m.group(1), "experts", _STACKED[m.group(3)], int(m.group(2)), tensor, True)
+    if m := _DS_SHARED.match(key):
+        return _expert_entry(m.group(1), "shared", _STACKED[m.group(2)], None, tensor, True)
+    if re.match(r"^blocks\.\d+\.mlp\.(fc1|fc2)\.(weight|bias)$", key):
+        return key, tensor
+    return None, None
+
+
 def _expert_entry(block: str, group: str, name: str, expert: int | None, tensor: torch.Tensor, is_weight: bool):
     """A routed expert's tensor (group "experts", stacked by index) or the shared expert's (group "shared",
     with a leading expert axis of 1); weights transposed from nn.Linear's (out, in) to moedit's (in, out)."""
@@ -353,10 +422,27 @@ def _refuse(unmapped: list[str], mismatched: list[str], missing: list[str], layo
                               + "\n  ".join(lines) + f"\nCheck that it is {SOURCES[layout]}, and --heads.")
 
 
-LAYOUT_CONFIG = {"dit_moe": dit_moe_config, "promoe_tc": promoe_tc_config, "diffmoe": diffmoe_config}
+LAYOUT_CONFIG = {"dit_moe": dit_moe_config, "promoe_tc": promoe_tc_config, "diffmoe": diffmoe_config,
+                 "dsmoe": dsmoe_config}
 # each layout's keys beyond DiT's backbone: key -> (model key | (stacked key, expert), tensor) or (None, None)
-LAYOUT_TARGETS = {"dit_moe": _dit_moe_target, "promoe_tc": _promoe_tc_target, "diffmoe": _diffmoe_target}
-LAYOUT_OBJECTIVES = {"dit_moe": OBJECTIVES, "promoe_tc": PROMOE_OBJECTIVES, "diffmoe": PROMOE_OBJECTIVES}
+LAYOUT_TARGETS = {"dit_moe": _dit_moe_target, "promoe_tc": _promoe_tc_target, "diffmoe": _diffmoe_target,
+                  "dsmoe": _dsmoe_target}
+# DSMoE's rectified flow runs from noise (t = 0) to data (t = 1), predicts x − ε and feeds t unscaled:
+# moedit's t is 1 − theirs (t_flip), its target ε − x the negation (the final layer is negated on import)
+DSMOE_OBJECTIVES = {"rectified_flow": {"model": {"t_scale": 1.0, "t_flip": True},
+                                       "objective": {"name": "rectified_flow", "t_sampling": "uniform"},
+                                       "sample": {"sampler": "euler", "steps": 50}}}
+LAYOUT_OBJECTIVES = {"dit_moe": OBJECTIVES, "promoe_tc": PROMOE_OBJECTIVES, "diffmoe": PROMOE_OBJECTIVES,
+                     "dsmoe": DSMOE_OBJECTIVES}
+
+
+def _negate_output(tensors: dict[str, torch.Tensor]) -> None:
+    """DSMoE predicts x − ε, moedit ε − x: the final linear layer's weights and bias negated (exact)."""
+    for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        tensors[name] = -tensors[name]
+
+
+LAYOUT_FINISH = {"dsmoe": _negate_output}  # a last exact transform of the mapped tensors, per layout
 
 
 def read_peer_state(source: Path, raw: bool) -> tuple[dict[str, torch.Tensor], str]:
@@ -390,7 +476,8 @@ def _resolve_layout(state: dict, layout: str, source: Path) -> str:
 
 def import_run(source: str | Path, out: str | Path, layout: str = "auto", objective: str | None = None,
                heads: int | None = None, top_k: int | None = None, learn_sigma: str = "keep", raw: bool = False,
-               overrides: list[str] | None = None, log=print, score: str | None = None) -> tuple[Path, Config]:
+               overrides: list[str] | None = None, log=print, score: str | None = None,
+               image_size: int | None = None) -> tuple[Path, Config]:
     """A new moedit run directory at `out` holding the peer checkpoint `source` (module docstring).
     objective, top_k and score left None take the layout's defaults (`DEFAULTS`)."""
     from moedit.config import apply_overrides
@@ -411,13 +498,16 @@ def import_run(source: str | Path, out: str | Path, layout: str = "auto", object
     if objective not in settings:
         raise ConfigError(f"objective {objective!r}: {NAMES[layout]} checkpoints were trained with "
                           f"{', '.join(settings)}")
-    model = LAYOUT_CONFIG[layout](state, heads, top_k, learn_sigma, score)
+    extra = {"image_size": image_size} if image_size is not None else {}  # only RoPE layouts need it
+    model = LAYOUT_CONFIG[layout](state, heads, top_k, learn_sigma, score, **extra)
     data = {**settings[objective], "model": {**model, **settings[objective]["model"]},
             "data": {"name": "npz"}, "train": {"out_dir": str(out)}}
     cfg = from_dict(apply_overrides(data, overrides or []))
     net = build_model(cfg.model)
     target = net.state_dict()
     tensors = _map(state, target, cfg.model.patch_size, LAYOUT_TARGETS[layout], layout)
+    if layout in LAYOUT_FINISH:
+        LAYOUT_FINISH[layout](tensors)
     pos = tensors.pop("__pos_embed__", None)
     if pos is not None:
         grid = cfg.model.image_size // cfg.model.patch_size
@@ -427,7 +517,7 @@ def import_run(source: str | Path, out: str | Path, layout: str = "auto", object
     net.load_state_dict(tensors)
     moe = cfg.model.moe
     log(f"source: {NAMES[layout]} {what} {source}: {cfg.model.depth} blocks × {cfg.model.width}, {moe.num_experts} "
-        f"experts ({moe.placement}) {moe.router.score} top-{top_k}, {moe.num_shared} shared; objective {objective} "
+        f"experts ({moe.placement}) {moe.router.score} top-{moe.router.top_k}, {moe.num_shared} shared; objective {objective} "
         f"(t_scale {cfg.model.t_scale:g})")
     write_run(out, cfg, net.state_dict(), {"source": str(source), "layout": layout, "objective": objective,
                                            "weights": what, "learn_sigma": learn_sigma})

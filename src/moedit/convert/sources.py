@@ -142,15 +142,20 @@ def dit_model_config(state: dict[str, torch.Tensor], heads: int | None = None) -
     return from_dict({"model": {**model, "ffn": "mlp", "mlp_ratio": hidden / model["width"]}}).model
 
 
-def dit_backbone_config(state: dict[str, torch.Tensor], heads: int | None = None) -> dict:
+def dit_backbone_config(state: dict[str, torch.Tensor], heads: int | None = None, rope_grid: int | None = None) -> dict:
     """The `model` keys every DiT-layout checkpoint's backbone shows (sizes, classes, positions, outputs);
-    the FFN is the caller's (DiT's MLP here, DiT-MoE's experts in convert/peers.py)."""
+    the FFN is the caller's (DiT's MLP here, DiT-MoE's experts in convert/peers.py). A checkpoint without
+    a pos_embed table uses RoPE: its token grid cannot be read off the weights (`rope_grid`)."""
     width, channels, patch, _ = _require(state, "x_embedder.proj.weight").shape
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    pos = _require(state, "pos_embed")
-    grid = math.isqrt(pos.shape[-2])
-    if grid * grid != pos.shape[-2]:
-        raise ConversionError(f"pos_embed has {pos.shape[-2]} positions, not a square grid")
+    if rope_grid is not None and "pos_embed" not in state:
+        grid, positions = rope_grid, "rope"
+    else:
+        pos = _require(state, "pos_embed")
+        grid = math.isqrt(pos.shape[-2])
+        if grid * grid != pos.shape[-2]:
+            raise ConversionError(f"pos_embed has {pos.shape[-2]} positions, not a square grid")
+        positions = _pos_layout(pos, width, grid)
     out = _require(state, "final_layer.linear.weight").shape[0] // (patch * patch)
     if heads is None:
         heads = dit_heads_by_width().get(width)
@@ -159,7 +164,7 @@ def dit_backbone_config(state: dict[str, torch.Tensor], heads: int | None = None
                               "attention heads cannot be read off the weights: pass --heads")
     return dict(image_size=grid * patch, in_channels=channels, patch_size=patch, width=width, depth=depth,
                 heads=heads, num_classes=_require(state, "y_embedder.embedding_table.weight").shape[0] - 1,
-                class_dropout=0.1, pos_embed=_pos_layout(pos, width, grid), out_channels=out if out != channels else None)
+                class_dropout=0.1, pos_embed=positions, out_channels=out if out != channels else None)
 
 
 def _pos_layout(pos: torch.Tensor, width: int, grid: int, tolerance: float = 1e-4) -> str:

@@ -107,7 +107,7 @@ class DiT(nn.Module):
         D, p, C = cfg.width, cfg.patch_size, cfg.in_channels
         self.grid = cfg.image_size // p
         self.x_embedder = PatchEmbed(p, C, D)
-        self.t_embedder = TimestepEmbedder(D, t_scale=cfg.t_scale)
+        self.t_embedder = TimestepEmbedder(D, t_scale=cfg.t_scale, t_flip=cfg.t_flip)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout)
         columns_first = cfg.pos_embed == "sincos_wh"  # facebookresearch/DiT's channel order (embed.py)
         self.register_buffer("pos_embed", sincos_2d(D, self.grid, columns_first)[None], persistent=False)

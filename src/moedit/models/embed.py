@@ -38,13 +38,13 @@ def timestep_features(t_B: torch.Tensor, dim: int, max_period: float = 10000.0, 
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, width: int, freq_dim: int = 256, t_scale: float = 1000.0):
+    def __init__(self, width: int, freq_dim: int = 256, t_scale: float = 1000.0, t_flip: bool = False):
         super().__init__()
-        self.freq_dim, self.t_scale = freq_dim, t_scale
+        self.freq_dim, self.t_scale, self.t_flip = freq_dim, t_scale, t_flip
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t_B: torch.Tensor) -> torch.Tensor:
-        features = timestep_features(t_B, self.freq_dim, t_scale=self.t_scale)
+        features = timestep_features(1 - t_B if self.t_flip else t_B, self.freq_dim, t_scale=self.t_scale)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
