@@ -179,11 +179,6 @@ def default_aux_weights() -> dict[str, float]:
     return from_registry()
 
 
-def __getattr__(name: str) -> Any:  # `DEFAULT_AUX_WEIGHTS`, read from the router registry when first asked
-    if name == "DEFAULT_AUX_WEIGHTS":
-        return default_aux_weights()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 @dataclass(kw_only=True)
 class TrainConfig:

@@ -24,7 +24,8 @@ STEPS, MICRO = 3, 2
 # the rank records what it observed over the step.
 STATS_SCRIPT = """
 import sys, torch, torch.distributed as dist
-from moedit.config import DEFAULT_AUX_WEIGHTS, from_dict
+from moedit.config import default_aux_weights, from_dict
+DEFAULT_AUX_WEIGHTS = default_aux_weights()
 from moedit.distributed.setup import all_reduce_sum
 from moedit.models import build_model
 from moedit.objectives.rectified_flow import RectifiedFlow

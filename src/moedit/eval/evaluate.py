@@ -49,7 +49,7 @@ from moedit.eval import features as fx
 from moedit.eval import metrics as mx
 from moedit.eval.sampling import EvalError, EvalSettings, check_balanced, sample_for_eval
 from moedit.runs import Run
-from moedit.utils.files import atomic_write, describe_os_error, ensure_writable_dir, file_sha256
+from moedit.utils.files import atomic_write_text, describe_os_error, ensure_writable_dir, file_sha256
 from moedit.utils.npz import NPZ_READ_ERRORS, save_npz
 from moedit.utils.images import save_grid
 
@@ -295,7 +295,7 @@ def evaluate_run(
         record.update(n_reference=len(ctx.reference), metrics=_score(ctx, metrics, earlier.get("metrics", {})))
     per_class = min(run.cfg.sample.per_class, n // fx.NUM_CLASSES)
     save_grid(_grid_images(images_N, fx.NUM_CLASSES, per_class), out / GRID_NAME, nrow=per_class)
-    atomic_write(out / EVAL_JSON, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
+    atomic_write_text(out / EVAL_JSON, json.dumps(record, indent=1) + "\n")
     return record
 
 

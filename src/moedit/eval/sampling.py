@@ -36,8 +36,7 @@ from tqdm import tqdm
 from moedit.config import SampleConfig
 from moedit.data.base import to_uint8
 from moedit.generate import generate
-from moedit.utils.files import atomic_write
-from moedit.utils.npz import NPZ_READ_ERRORS
+from moedit.utils.npz import NPZ_READ_ERRORS, save_npz
 
 # bump when the label / noise / cache layout changes, so caches from before are refused, not misread
 CACHE_FORMAT = 1
@@ -131,11 +130,7 @@ def read_cache(path: Path, settings: EvalSettings) -> tuple[np.ndarray, np.ndarr
 
 
 def write_cache(path: Path, settings: EvalSettings, images: np.ndarray, labels: np.ndarray) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:  # a handle, so numpy does not append .npz to the temporary name
-            np.savez(fh, images=images, labels=labels, settings=np.array(json.dumps(settings.as_dict())))
-
-    atomic_write(path, write)
+    save_npz(path, images=images, labels=labels, settings=np.array(json.dumps(settings.as_dict())))
 
 
 # ----------------------------------------------------------------------------- sampling

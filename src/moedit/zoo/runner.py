@@ -23,7 +23,7 @@ from moedit.models.params import count_parameters
 from moedit.train import checkpoint as ckpt
 from moedit.train.metrics import read_metrics
 from moedit.train.trainer import Trainer
-from moedit.utils.files import atomic_write
+from moedit.utils.files import atomic_write_text
 from moedit.zoo.plan import ZooRun, ZooSettings, run_config
 from moedit.zoo.routing_stats import routing_stats
 
@@ -31,7 +31,7 @@ RESULT, SEGMENTS = "result.json", "zoo_train.json"
 
 
 def _write_json(path: Path, data) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def train_segment(run: ZooRun, settings: ZooSettings, progress: bool) -> list[dict]:

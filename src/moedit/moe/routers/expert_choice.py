@@ -16,7 +16,6 @@ the competition is inside one sample, a sample's routing never depends on the re
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from moedit.config import MoEConfig, RouterConfig
 from moedit.moe.gates import Gate, score

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from moedit.config import MoEConfig, RouterConfig
 from moedit.moe.gates import Gate, score
