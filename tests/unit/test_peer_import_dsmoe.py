@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moedit.cli.main import main as cli_main
+from moedit.config import ConfigError
 from moedit.convert.keys import ConversionError
 from moedit.convert.peers import detect_layout, import_run
 from moedit.runs import open_run
@@ -126,3 +127,7 @@ def test_what_dsmoe_options_moedit_lacks_are_refused(tmp_path):
     torch.save(sd, path)
     with pytest.raises(ConversionError, match="RMSNorm blocks"):
         import_run(path, tmp_path / "b", heads=HEADS, image_size=8, log=lambda m: None)
+    sd = dsmoe_state_dict()
+    torch.save(sd, path)
+    with pytest.raises(ConfigError, match="--image-size 9 must be a positive multiple of the checkpoint's patch size 2"):
+        import_run(path, tmp_path / "c", heads=HEADS, image_size=9, log=lambda m: None)

@@ -247,6 +247,8 @@ def dsmoe_config(state: dict[str, torch.Tensor], heads: int | None, top_k: int |
     if score != "sigmoid":
         raise ConfigError(f"--score {score}: DSMoE's scores are sigmoids")
     p = state["x_embedder.proj.weight"].shape[-1]
+    if image_size < 1 or image_size % p:
+        raise ConfigError(f"--image-size {image_size} must be a positive multiple of the checkpoint's patch size {p}")
     model = dit_backbone_config(state, heads, rope_grid=image_size // p)
     D, depth = model["width"], model["depth"]
     moe_blocks = sorted({int(m.group(1)) for k in state if (m := _DS_GATE.match(k))})
