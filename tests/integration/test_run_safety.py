@@ -75,7 +75,8 @@ def test_a_second_writer_is_refused_with_the_holder_and_can_start_after(tmp_path
     for resume in (False, True):  # a fresh run and a --resume beside a run still training
         with pytest.raises(TrainingError, match=rf"in use by pid {os.getpid()} on host .* started"):
             Trainer(from_dict(config(run, steps=6)), resume=resume, progress=False)
-    assert not (run / "metrics.jsonl").exists() or "step" in (run / "metrics.jsonl").read_text()
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME, "config.yaml"]  # the refused ones wrote nothing
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 3  # still the holder's config
     first.train()
     assert (run / LOCK_NAME).read_text() == ""  # released cleanly
     train(run, resume=True, steps=6)  # the lock is free again
