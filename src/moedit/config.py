@@ -211,6 +211,11 @@ class TrainConfig:
     # weight of every auxiliary loss the routers emit, summed in one place by the trainer; names
     # not given keep default_aux_weights() (filled in, so the run's config.yaml lists every weight)
     aux_weights: dict[str, float] = field(default_factory=dict)
+    # how each auxiliary loss is combined over the MoE layers before it is weighted (docs/ROUTING_MATH.md §5):
+    # peers = as the papers do (summed; Race's plr averaged, as its paper defines it), so a published
+    # weight means what its paper says | mean = every loss averaged over the layers (moedit before
+    # this convention; set it only to continue a run trained that way)
+    aux_over_layers: str = "peers"
 
     def __post_init__(self) -> None:
         self.aux_weights = {**default_aux_weights(), **self.aux_weights}
@@ -602,6 +607,7 @@ def _validate_optimizer(t: TrainConfig) -> None:
     _need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "must be in [0, 1), e.g. 0.999")
     _need(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio,
           "must be in [0, 1]: the cosine schedule's final lr as a fraction of train.lr")
+    _choice(t.aux_over_layers, ("peers", "mean"), "train.aux_over_layers")
     for name, weight in t.aux_weights.items():
         _need(weight >= 0, f"train.aux_weights.{name}", weight, "must be at least 0 (0 disables that loss)")
 

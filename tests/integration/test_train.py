@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from moedit.cli.main import main as cli_main
@@ -68,8 +69,24 @@ def test_run_directory_contents(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert {"loss", "aux/balance", "aux/z", "lr", "grad_norm", "img_per_s"} <= rows[-1].keys()
+    per_layer = sorted(k for k in rows[-1] if k.startswith("aux/balance/block"))  # each MoE layer's own value
+    assert len(per_layer) == len(trainer.model.moe_layers()) > 1
+    assert rows[-1]["aux/balance"] == pytest.approx(sum(rows[-1][k] for k in per_layer), rel=1e-5)  # summed
     assert any(k.startswith("route/maxvio/") for k in rows[-1])
     assert trainer.model.training  # sampling put the model back in training mode
+
+
+def test_resuming_a_run_trained_with_averaged_aux_losses_says_how_to_keep_them(tmp_path, capsys):
+    run = tmp_path / "run"
+    run_training(tiny_config(run, steps=3))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["train"]["aux_over_layers"]  # as written before the key existed
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    capsys.readouterr()
+    run_training(tiny_config(run, steps=4), resume=True)
+    assert "--set train.aux_over_layers=mean" in capsys.readouterr().out
+    run_training(tiny_config(run, steps=5), resume=True)  # its config.yaml now has the key: no warning
+    assert "aux_over_layers" not in capsys.readouterr().out
 
 
 def test_existing_run_is_never_overwritten(tmp_path):

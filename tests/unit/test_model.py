@@ -207,7 +207,7 @@ def test_adaln_zero_init_outputs_exactly_zero(name: str) -> None:
     assert identity == [False] * len(model.blocks)
 
 
-def test_aux_losses_average_over_moe_layers() -> None:
+def test_aux_losses_sum_over_the_moe_layers_only() -> None:
     assert _model().aux_losses() == {}
     dense = _model()
     dense(*_inputs(dense))
@@ -222,8 +222,9 @@ def test_aux_losses_average_over_moe_layers() -> None:
     assert set(aux) == {"balance", "z"}
     for name in aux:
         values = [layer.last_routing.aux[name] for layer in layers]
-        assert values[0].item() != pytest.approx(values[1].item())  # a real average, not a copy
-        assert aux[name].item() == pytest.approx(sum(v.item() for v in values) / 2, rel=1e-6)
+        assert values[0].item() != pytest.approx(values[1].item())  # a real sum, not a copy
+        assert aux[name].item() == pytest.approx(sum(v.item() for v in values), rel=1e-6)  # dense blocks add nothing
+        assert sorted(model.aux_losses_by_layer()[name]) == [1, 3]  # interleaved: blocks 1 and 3 are MoE
         assert aux[name].requires_grad
 
 

@@ -43,7 +43,8 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 class ForwardWithAux(torch.nn.Module):
-    """The model's forward returning (prediction, model.aux_losses()).
+    """The model's forward returning (prediction, aux, aux_by_layer): the auxiliary losses combined over
+    MoE layers as `over_layers` says (`DiT.aux_losses`), and each layer's own, keyed `name/block<i>`.
 
     DDP with find_unused_parameters=True walks the autograd graph of the forward's *output* to
     learn which parameters this step uses. Parameters reached only by an auxiliary loss (race's
@@ -53,17 +54,21 @@ class ForwardWithAux(torch.nn.Module):
     forward puts them in the graph DDP walks.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, over_layers: str = "peers") -> None:
         super().__init__()
-        self.model = model
+        self.model, self.over_layers = model, over_layers
 
-    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.model(*args, **kwargs), self.model.aux_losses()
+    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        prediction = self.model(*args, **kwargs)
+        by_layer = {f"{name}/block{index}": value
+                    for name, by_block in self.model.aux_losses_by_layer().items() for index, value in by_block.items()}
+        return prediction, self.model.aux_losses(self.over_layers), by_layer
 
 
-def wrap_data_parallel(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
-    """`ForwardWithAux(model)`, inside DDP when more than one process trains."""
-    step_model = ForwardWithAux(model)
+def wrap_data_parallel(model: torch.nn.Module, info: DistInfo, device: torch.device,
+                       over_layers: str = "peers") -> torch.nn.Module:
+    """`ForwardWithAux(model, over_layers)`, inside DDP when more than one process trains."""
+    step_model = ForwardWithAux(model, over_layers)
     if not info.enabled:
         return step_model
     ids = [device.index] if device.type == "cuda" else None

@@ -192,14 +192,30 @@ class DiT(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [block.moe for block in self.blocks if block.moe is not None]
 
-    def aux_losses(self) -> dict[str, torch.Tensor]:
-        """Each auxiliary loss of the last forward, averaged over MoE layers (unweighted)."""
-        per_name: dict[str, list[torch.Tensor]] = {}
+    def aux_losses_by_layer(self) -> dict[str, dict[int, torch.Tensor]]:
+        """Each auxiliary loss of the last forward by name, then by block index (unweighted)."""
+        per_name: dict[str, dict[int, torch.Tensor]] = {}
+        for index, block in enumerate(self.blocks):
+            routing = block.moe.last_routing if block.moe is not None else None
+            if routing is not None:
+                for name, value in routing.aux.items():
+                    per_name.setdefault(name, {})[index] = value
+        return per_name
+
+    def aux_losses(self, over_layers: str = "peers") -> dict[str, torch.Tensor]:
+        """Each auxiliary loss of the last forward combined over MoE layers (unweighted), as
+        `train.aux_over_layers` says (docs/ROUTING_MATH.md §5): `peers`, the papers' convention, sums
+        every loss over the layers except those a router states are defined as a mean over layers
+        (`Router.AUX_MEAN_OVER_LAYERS`: Race's per-layer regularisation); `mean` averages every loss
+        (moedit before this convention, kept to continue runs trained with it)."""
+        averaged = set()
         for layer in self.moe_layers():
-            if layer.last_routing is not None:
-                for name, value in layer.last_routing.aux.items():
-                    per_name.setdefault(name, []).append(value)
-        return {name: torch.stack(values).mean() for name, values in per_name.items()}
+            averaged |= layer.router.AUX_MEAN_OVER_LAYERS
+        combined = {}
+        for name, by_block in self.aux_losses_by_layer().items():
+            values = torch.stack(list(by_block.values()))
+            combined[name] = values.mean() if over_layers == "mean" or name in averaged else values.sum()
+        return combined
 
     def after_optimizer_step(self, reduce_fn=None) -> None:
         for layer in self.moe_layers():

@@ -2,7 +2,7 @@
 
     x0, y  = next batch
     loss   = objective.loss(model, x0, y)                    # diffusion loss, the model knows no diffusion
-    aux    = model.aux_losses()                              # unweighted, by name, from every MoE layer
+    aux    = model.aux_losses()                              # unweighted, by name, summed over MoE layers
     total  = loss + Σ_name train.aux_weights[name] · aux[name]   # the one place aux losses are weighted
     total.backward(); clip; optimizer.step(); router hooks (aux-free bias); EMA update
 
@@ -147,7 +147,7 @@ class Trainer:
         self.start_step = self._load(latest) if latest is not None else 0
         self._first_bad: torch.Tensor | None = None  # first step with a non-finite loss, kept on the device
         self._aux_names_checked = False
-        self.step_model = wrap_data_parallel(self.model, self.dist, self.device)
+        self.step_model = wrap_data_parallel(self.model, self.dist, self.device, tc.aux_over_layers)
         if self.dist.is_main:
             save_yaml(cfg, self.run_dir / "config.yaml")  # only now: the checkpoint and config fit
         self.metrics = MetricsWriter(self.run_dir, tc.tensorboard, enabled=self.dist.is_main, start_step=self.start_step)
@@ -180,7 +180,25 @@ class Trainer:
             if self.dist.is_main:
                 tqdm.write(f"note: resuming {path.name}: {inexact}")
         self.ema.updates = state.get("ema_updates", 0)
+        self._note_older_aux_convention()
         return state["step"]
+
+    def _note_older_aux_convention(self) -> None:
+        """A run whose config.yaml predates `train.aux_over_layers` was trained with its auxiliary losses
+        averaged over the MoE layers; continuing it with `peers` multiplies their effect by the layer count."""
+        import yaml
+
+        try:
+            saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return
+        train = saved.get("train") if isinstance(saved, dict) else None
+        layers = len(self.model.moe_layers())
+        if (isinstance(train, dict) and "aux_over_layers" not in train and layers > 1
+                and self.cfg.train.aux_over_layers == "peers" and self.dist.is_main):
+            tqdm.write(f"warning: {self.run_dir} was trained before train.aux_over_layers existed, with its "
+                       f"auxiliary losses averaged over the {layers} MoE layers; they are now summed (the papers' "
+                       "convention). To continue it as it was trained, add --set train.aux_over_layers=mean")
 
     def save(self, step: int) -> None:
         """Every rank hands rank 0 its RNG state (exact resume by rank); rank 0 writes. A failed write (a
@@ -233,16 +251,17 @@ class Trainer:
                        f"(it emits {sorted(aux) or 'none'}; built-in names: {sorted(built_in)}); "
                        "check the spelling")
 
-    def _loss_and_aux(self, x0_BCHW: torch.Tensor, y_B: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Diffusion loss and the unweighted aux losses, both from one (DDP-visible) forward."""
+    def _loss_and_aux(self, x0_BCHW: torch.Tensor, y_B: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+        """Diffusion loss, the unweighted aux losses combined over MoE layers, and each layer's (keyed
+        `name/block<i>`, for the log), all from one (DDP-visible) forward."""
         captured: dict[str, dict] = {}
 
         def model_fn(*args, **kwargs) -> torch.Tensor:
-            prediction, captured["aux"] = self.step_model(*args, **kwargs)
+            prediction, captured["aux"], captured["by_layer"] = self.step_model(*args, **kwargs)
             return prediction
 
         loss, _ = self.objective.loss(model_fn, x0_BCHW, y_B, pass_target=self.model.wants_target)
-        return loss, captured["aux"]
+        return loss, captured["aux"], captured["by_layer"]
 
     def train_step(self, step: int) -> dict[str, torch.Tensor]:
         """One optimizer step with no host synchronisation: the logged values stay on the device (read
@@ -255,12 +274,13 @@ class Trainer:
             x0_BCHW, y_B = self.batches.get(step, micro)
             x0_BCHW, y_B = x0_BCHW.to(self.device, non_blocking=True), y_B.to(self.device, non_blocking=True)
             with self._autocast():
-                loss, aux = self._loss_and_aux(x0_BCHW, y_B)
+                loss, aux, aux_by_layer = self._loss_and_aux(x0_BCHW, y_B)
                 total = loss.float() + self.weighted_aux(aux)
             self._note_finite(step + 1, total.detach())  # 1-based, as in metrics.jsonl and checkpoint names
             (total / tc.grad_accum).backward()
             self.routing_monitor.observe_model(self.model)  # device-side counts only (docs/DIAGNOSTICS.md)
-            for name, value in {"loss": loss, **{f"aux/{k}": v for k, v in aux.items()}}.items():
+            logged = {"loss": loss, **{f"aux/{k}": v for k, v in {**aux, **aux_by_layer}.items()}}
+            for name, value in logged.items():
                 logs[name] = logs.get(name, 0.0) + value.detach().float() / tc.grad_accum
         if tc.grad_clip is not None:
             logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).detach()

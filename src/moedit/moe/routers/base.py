@@ -8,7 +8,10 @@ training target's width p²·C, for routers with a target head) and returns a `R
 - DEFAULTS: values for the RouterConfig fields left null (gate, score, threshold_decay);
 - AUX_LOSSES: the auxiliary losses it may emit, by name, with the default weight of each (the trainer
   weighs them; `train.aux_weights` overrides). One name means one loss: two routers that emit the same
-  name must give it the same default weight (the registry checks);
+  name must give it the same default weight (the registry checks). The model sums each loss over
+  its MoE layers, as the peers do, so a published weight means what its paper says;
+- AUX_MEAN_OVER_LAYERS: the losses among them that their paper defines as a mean over the MoE layers
+  instead (Race's per-layer regularisation), which the model averages;
 - EXTRA_EXPERTS: routed experts it adds beyond model.moe.num_experts (ProMoE's unconditional one);
 - experts_per_token(cfg): the average number of routed experts a token runs through, for activated
   parameter counts (k for token choice, the capacity factor for capacity routers);
@@ -38,6 +41,7 @@ from moedit.config import MoEConfig, RouterConfig
 class Router(nn.Module):
     DEFAULTS: ClassVar[dict] = {}
     AUX_LOSSES: ClassVar[dict[str, float]] = {}
+    AUX_MEAN_OVER_LAYERS: ClassVar[frozenset[str]] = frozenset()
     EXTRA_EXPERTS: ClassVar[int] = 0
 
     @classmethod

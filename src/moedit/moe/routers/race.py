@@ -20,7 +20,7 @@ Auxiliary losses (unweighted):
       L_sim = (1/N) Σ_{e,f} W_ef · P'_ef          ([choice]: the exact normalisation is not public)
 - `plr`, per-layer regularisation (§6): a target head H (gate features → p²·C) predicts the
   training target (velocity or noise, patchified) that the objective passes to the model:
-      L_PLR = mean ‖H(h) − target‖²   (the model averages it over MoE layers)
+      L_PLR = mean_l ‖H_l(h_l) − target‖²   (the paper's mean over MoE layers l: AUX_MEAN_OVER_LAYERS)
   Only emitted when the forward was given a target (training); `target_head: false` removes the head.
 - `z`, the router z-loss (weight 0 by default).
 """
@@ -66,6 +66,7 @@ class RaceRouter(Router):
     # Race-DiT does not publish these weights: [choice] 0.01 for the similarity loss (like the balance loss it
     # replaces) and 0.1 for the per-layer regularisation
     AUX_LOSSES = {"similarity": 0.01, "z": 0.0, "plr": 0.1}
+    AUX_MEAN_OVER_LAYERS = frozenset({"plr"})  # the similarity loss is summed over layers, like a balance loss
 
     @classmethod
     def conversion_exactness(cls, moe: MoEConfig, slices: int, zero_gate: bool) -> tuple[bool, str]:
