@@ -44,6 +44,7 @@ VARIANTS: dict[str, list[dict]] = {
     "diffmoe": [{}, {"gate": "mlp", "top_k": 1}],
     "race": [{}, {"score": "softmax"}, {"gate": "linear", "score": "sigmoid", "top_k": 1}],
     "promoe": [{}, {"top_k": 2, "score": "softmax"}],
+    "promoe_ec": [{}, {"top_k": 2, "score": "softmax"}],
 }
 
 # what each auxiliary loss must train (docs/ROUTING_MATH.md §4-5): (parameter prefixes of which EVERY parameter
@@ -119,7 +120,7 @@ def _model(name: str, kw: dict, seed: int = 0, **model) -> DiT:
     """A micro MoE-DiT (8x8 images, patch 2: L = 16) built through from_dict, so the config is validated."""
     cfg = from_dict({"model": {
         "preset": "micro", "image_size": 8, "patch_size": 2, "class_dropout": 0.25, **model,
-        "moe": {"num_experts": E, "expert_ratio": 1.0, "num_shared": 1 if name == "promoe" else 0,
+        "moe": {"num_experts": E, "expert_ratio": 1.0, "num_shared": 1 if name.startswith("promoe") else 0,
                 "router": {"name": name, **kw}},
     }}).model
     torch.manual_seed(seed)

@@ -1,7 +1,7 @@
 """Importing a peer's released MoE-DiT checkpoint into a moedit run, weight for weight.
 
-Four layouts: DiT-MoE (`dit_moe`), ProMoE's token-choice model (`promoe_tc`), DiffMoE (`diffmoe`) and DSMoE
-(`dsmoe`, its config function's docstring and docs/CONVERT.md say how it maps); docs/CONVERT.md lists
+Five layouts: DiT-MoE (`dit_moe`), ProMoE's token-choice and expert-choice models (`promoe_tc`, `promoe_ec`),
+DiffMoE (`diffmoe`) and DSMoE (`dsmoe`, its config function's docstring and docs/CONVERT.md say how it maps); docs/CONVERT.md lists
 what each layout holds and how it maps. A layout is recognised by its key names, its configuration read
 off the shapes, and every key goes through an explicit table that refuses unmapped, missing or
 misshapen keys. The imported model computes the peer model's output: same (x_t, t, y) → same
@@ -43,6 +43,11 @@ Time: rectified flow only (their train.py): x_t = (1 − σ)·x + σ·ε, v = ε
 moedit's t = σ with t_scale 1000. Their loss never reads the learned-sigma channels (they are kept by
 default for exactness, `--learn-sigma drop` removes them).
 
+ProMoE-EC (`models/models_ProMoE_EC.py`) has exactly these keys and shapes; only its routing differs:
+in each conditional sample every prototype's expert takes its ⌊top_k·L/E⌋ best tokens by G(cos), G along
+the sequence (moedit's `promoe_ec` router). The key names cannot tell the two apart, so `auto` imports
+a ProMoE checkpoint as token choice and says so; an expert-choice one needs `--layout promoe_ec`.
+
 DiffMoE (Shi et al., arXiv 2503.14487; its model as shipped in ali-vilab/ProMoE and yhlleo/EfficientMoE
 `models/models_DiffMoE.py`, trained and sampled by the same scripts as ProMoE: the same time convention):
 
@@ -61,6 +66,7 @@ the weights: `--top-k` (their configs: 1).
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Callable
@@ -73,7 +79,7 @@ from moedit.convert.sources import TORCH_SUFFIXES, LEARN_SIGMA, dit_backbone_con
 from moedit.convert.workflow import check_out, write_run
 from moedit.models import build_model
 
-LAYOUTS = ("dit_moe", "promoe_tc", "diffmoe", "dsmoe")
+LAYOUTS = ("dit_moe", "promoe_tc", "promoe_ec", "diffmoe", "dsmoe")
 OBJECTIVES = {  # the peer's training objective -> moedit's run settings for it (DiT-MoE's time conventions)
     "ddpm": {"model": {"t_scale": 1000.0},
              "objective": {"name": "ddpm", "beta_schedule": "linear", "ddpm_steps": 1000},
@@ -89,10 +95,12 @@ PROMOE_OBJECTIVES = {"rectified_flow": {"model": {"t_scale": 1000.0},
 PROMOE_NULL_LABEL = 1000  # hard-coded in their SparseMoeBlock.compute_router
 DEFAULTS = {"dit_moe": {"objective": "ddpm", "top_k": 2, "score": "softmax"},  # what the weights do not say
             "promoe_tc": {"objective": "rectified_flow", "top_k": 1, "score": "identity"},
+            "promoe_ec": {"objective": "rectified_flow", "top_k": 1, "score": "identity"},  # their 004_ProMoE_L_EC
             "diffmoe": {"objective": "rectified_flow", "top_k": 1, "score": "softmax"},  # top_k: the capacity
             "dsmoe": {"objective": "rectified_flow", "top_k": None, "score": "sigmoid"}}  # top_k: its released config
-NAMES = {"dit_moe": "DiT-MoE", "promoe_tc": "ProMoE-TC", "diffmoe": "DiffMoE", "dsmoe": "DSMoE"}
+NAMES = {"dit_moe": "DiT-MoE", "promoe_tc": "ProMoE-TC", "promoe_ec": "ProMoE-EC", "diffmoe": "DiffMoE", "dsmoe": "DSMoE"}
 SOURCES = {"dit_moe": "a feizc/DiT-MoE checkpoint", "promoe_tc": "an ali-vilab/ProMoE token-choice checkpoint",
+           "promoe_ec": "an ali-vilab/ProMoE expert-choice checkpoint (same keys as token choice: --layout promoe_ec)",
            "diffmoe": "a DiffMoE checkpoint (models_DiffMoE.py of ali-vilab/ProMoE or yhlleo/EfficientMoE)",
            "dsmoe": "a yhlleo/EfficientMoE DSMoE checkpoint"}
 
@@ -158,9 +166,10 @@ def dit_moe_config(state: dict[str, torch.Tensor], heads: int | None, top_k: int
 
 
 def promoe_tc_config(state: dict[str, torch.Tensor], heads: int | None, top_k: int, learn_sigma: str,
-                     score: str = "identity") -> dict:
+                     score: str = "identity", router: str = "promoe") -> dict:
     """The moedit `model` section of a ProMoE-TC state dict (module docstring); refuses what moedit's
-    `promoe` router and DiT blocks cannot compute exactly."""
+    `promoe` router and DiT blocks cannot compute exactly. `router="promoe_ec"`: ProMoE-EC, whose weights
+    have the same names and shapes and whose routing is expert choice per sample."""
     if qk := sorted(k for k in state if _QK_NORM.match(k)):
         raise ConversionError(f"the checkpoint has q/k norm weights ({qk[0]}, …): ProMoE's qk_norm is an affine "
                               "LayerNorm per head, moedit's qk_norm an RMSNorm; it cannot be imported exactly")
@@ -193,7 +202,7 @@ def promoe_tc_config(state: dict[str, torch.Tensor], heads: int | None, top_k: i
     shared = state.get(f"blocks.{first}.mlp.shared_expert.up_proj.weight")
     moe = dict(num_experts=E, expert_ratio=hidden / D, num_shared=0 if shared is None else 1,
                shared_ratio=None if shared is None else shared.shape[0] / D, placement=placement,
-               router=dict(name="promoe", score=score, top_k=top_k, normalize=False))
+               router=dict(name=router, score=score, top_k=top_k, normalize=False))
     dense = next((v for k, v in state.items() if (m := _PRO_DENSE.match(k)) and m.group(3) == "weight"
                   and m.group(2) in ("fc1", "up_proj")), None)
     mlp_ratio = {} if dense is None else {"mlp_ratio": dense.shape[0] / D}
@@ -424,18 +433,19 @@ def _refuse(unmapped: list[str], mismatched: list[str], missing: list[str], layo
                               + "\n  ".join(lines) + f"\nCheck that it is {SOURCES[layout]}, and --heads.")
 
 
-LAYOUT_CONFIG = {"dit_moe": dit_moe_config, "promoe_tc": promoe_tc_config, "diffmoe": diffmoe_config,
+LAYOUT_CONFIG = {"dit_moe": dit_moe_config, "promoe_tc": promoe_tc_config,
+                 "promoe_ec": functools.partial(promoe_tc_config, router="promoe_ec"), "diffmoe": diffmoe_config,
                  "dsmoe": dsmoe_config}
 # each layout's keys beyond DiT's backbone: key -> (model key | (stacked key, expert), tensor) or (None, None)
-LAYOUT_TARGETS = {"dit_moe": _dit_moe_target, "promoe_tc": _promoe_tc_target, "diffmoe": _diffmoe_target,
-                  "dsmoe": _dsmoe_target}
+LAYOUT_TARGETS = {"dit_moe": _dit_moe_target, "promoe_tc": _promoe_tc_target, "promoe_ec": _promoe_tc_target,
+                  "diffmoe": _diffmoe_target, "dsmoe": _dsmoe_target}
 # DSMoE's rectified flow runs from noise (t = 0) to data (t = 1), predicts x − ε and feeds t unscaled:
 # moedit's t is 1 − theirs (t_flip), its target ε − x the negation (the final layer is negated on import)
 DSMOE_OBJECTIVES = {"rectified_flow": {"model": {"t_scale": 1.0, "t_flip": True},
                                        "objective": {"name": "rectified_flow", "t_sampling": "uniform"},
                                        "sample": {"sampler": "euler", "steps": 50}}}
-LAYOUT_OBJECTIVES = {"dit_moe": OBJECTIVES, "promoe_tc": PROMOE_OBJECTIVES, "diffmoe": PROMOE_OBJECTIVES,
-                     "dsmoe": DSMOE_OBJECTIVES}
+LAYOUT_OBJECTIVES = {"dit_moe": OBJECTIVES, "promoe_tc": PROMOE_OBJECTIVES, "promoe_ec": PROMOE_OBJECTIVES,
+                     "diffmoe": PROMOE_OBJECTIVES, "dsmoe": DSMOE_OBJECTIVES}
 
 
 def _negate_output(tensors: dict[str, torch.Tensor]) -> None:
@@ -466,11 +476,18 @@ def read_peer_state(source: Path, raw: bool) -> tuple[dict[str, torch.Tensor], s
     return obj[key], f"training checkpoint ({'raw' if raw else 'EMA'} weights)"
 
 
-def _resolve_layout(state: dict, layout: str, source: Path) -> str:
+SAME_KEYS = {"promoe_ec": "promoe_tc"}  # layouts the key names cannot tell apart: the user names them
+
+
+def _resolve_layout(state: dict, layout: str, source: Path, log=print) -> str:
     found = detect_layout(state)
     if layout == "auto":
         layout = found
-    if layout not in LAYOUTS or found != layout:
+        if found in SAME_KEYS.values():
+            twins = [name for name, keys in SAME_KEYS.items() if keys == found]
+            log(f"note: {NAMES[found]} and {', '.join(NAMES[t] for t in twins)} checkpoints have the same keys; "
+                f"importing as {NAMES[found]}. For {SOURCES[twins[0]]}, pass --layout {twins[0]}")
+    if layout not in LAYOUTS or found != SAME_KEYS.get(layout, layout):
         raise ConversionError(f"{source} is not a {layout or 'known'} checkpoint (its keys look like "
                               f"{found or 'none of ' + ', '.join(LAYOUTS)}); moedit imports: {', '.join(LAYOUTS)}")
     return layout
@@ -492,7 +509,7 @@ def import_run(source: str | Path, out: str | Path, layout: str = "auto", object
     if learn_sigma not in LEARN_SIGMA:
         raise ConfigError(f"learn_sigma must be one of {', '.join(LEARN_SIGMA)}")
     state, what = read_peer_state(source, raw)
-    layout = _resolve_layout(state, layout, source)
+    layout = _resolve_layout(state, layout, source, log)
     objective = objective or DEFAULTS[layout]["objective"]
     top_k = DEFAULTS[layout]["top_k"] if top_k is None else top_k
     score = score or DEFAULTS[layout]["score"]

@@ -11,6 +11,7 @@ from moedit.moe.routers.base import Router
 from moedit.moe.routers.diffmoe import DiffMoERouter
 from moedit.moe.routers.expert_choice import ExpertChoiceRouter
 from moedit.moe.routers.promoe import ProMoERouter
+from moedit.moe.routers.promoe_ec import ProMoEExpertChoiceRouter
 from moedit.moe.routers.race import RaceRouter
 from moedit.moe.routers.topk import TopKRouter
 
@@ -20,6 +21,7 @@ ROUTERS: dict[str, type[Router]] = {
     "diffmoe": DiffMoERouter,
     "race": RaceRouter,
     "promoe": ProMoERouter,
+    "promoe_ec": ProMoEExpertChoiceRouter,
 }
 
 
