@@ -25,8 +25,9 @@ def _preset(name: str):
     return from_dict({"model": {"preset": name}}).model
 
 
-@pytest.mark.parametrize("name", ["DiT-MoE-S/2-8E2A", "DiT-MoE-XL/2-8E2A", "DiT-MoE-G/2-16E2A"])
-def test_dit_moe_presets_use_dits_columns_first_position_table(name):
+@pytest.mark.parametrize("name", ["DiT-MoE-S/2-8E2A", "DiT-MoE-XL/2-8E2A", "DiT-MoE-G/2-16E2A", "ProMoE-S/2",
+                                  "ProMoE-XL/2", "DiffMoE-L-E16", "Race-DiT-XL/2-4in32", "DiT-XL/2", "DiT-S/4"])
+def test_presets_named_after_dit_based_papers_use_dits_columns_first_position_table(name):
     assert _preset(name).pos_embed == "sincos_wh"
 
 

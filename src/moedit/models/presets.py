@@ -30,14 +30,18 @@ def _dit_presets() -> dict[str, dict]:
     presets = {}
     for size, (depth, width, heads) in _DIT_SIZES.items():
         for patch in (2, 4, 8):
-            presets[f"DiT-{size}/{patch}"] = dict(depth=depth, width=width, heads=heads, patch_size=patch)
+            presets[f"DiT-{size}/{patch}"] = dict(depth=depth, width=width, heads=heads, patch_size=patch,
+                                                  pos_embed="sincos_wh")
     return presets
 
 
 def _latent_dit(size: str) -> dict:
-    """A DiT size with patch 2 on ImageNet-256 latents: the backbone every paper preset starts from."""
+    """A DiT size with patch 2 on ImageNet-256 latents: the backbone every paper preset starts from, with
+    facebookresearch/DiT's columns-first sin-cos table, which the papers' code reuses (ProMoE's and the
+    DiffMoE model it ships: modules.get_2d_sincos_pos_embed; DiT-MoE's models.py; Race-DiT publishes no
+    code and builds on DiT: [choice] the same). DSMoE replaces it with RoPE."""
     depth, width, heads = {**_DIT_SIZES, **_EXTRA_SIZES}[size]
-    return dict(depth=depth, width=width, heads=heads, patch_size=2, **_IMAGENET_LATENT_256)
+    return dict(depth=depth, width=width, heads=heads, patch_size=2, pos_embed="sincos_wh", **_IMAGENET_LATENT_256)
 
 
 def _promoe(size: str) -> dict:
@@ -61,7 +65,7 @@ def _dit_moe(size: str, experts: int) -> dict:
     positions by facebookresearch/DiT's columns-first sin-cos table, which DiT-MoE's code reuses."""
     moe = dict(num_experts=experts, expert_ratio=4.0, num_shared=1, shared_ratio=2.0, placement="all",
                router=dict(name="topk", score="softmax", top_k=2))
-    return {**_latent_dit(size), "ffn": "swiglu", "pos_embed": "sincos_wh", "moe": moe}
+    return {**_latent_dit(size), "ffn": "swiglu", "moe": moe}
 
 
 def _diffmoe(size: str, experts: int) -> dict:
