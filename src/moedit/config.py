@@ -171,6 +171,18 @@ class DataConfig:
     image_size: int | None = None  # resize (folder data); None = native size
 
 
+@dataclass(kw_only=True)
+class CodecConfig:
+    """What the model sees: the images themselves (`identity`) or an autoencoder's latents (docs/LATENT.md).
+    The trainer writes the resolved scale and shift into the run's config.yaml, so the run alone samples."""
+
+    name: str = "identity"  # identity | diffusers (an AutoencoderKL in a local directory, e.g. sd-vae-ft-ema)
+    path: str | None = None  # diffusers: the directory (config.json + weights); nothing is ever downloaded
+    scale: float | None = None  # z = scale · (latent − shift); null = the codec's own (SD-VAE: 0.18215)
+    shift: float | None = None  # null = the codec's own (0 for SD-VAE)
+    posterior: str = "sample"  # training latents: sample (mean + σ·ε, as DiT) | mean
+
+
 def default_aux_weights() -> dict[str, float]:
     """The default weight of every auxiliary loss a registered router emits (each router states its own:
     `AUX_LOSSES` in its file; the papers' weights, or a marked choice where a paper gives none)."""
@@ -250,6 +262,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
 
 
 # ----------------------------------------------------------------------------- dict <-> dataclass
@@ -499,6 +512,19 @@ def validate(cfg: Config) -> None:
     _choice(cfg.data.name, DATASETS, "data.name")
     _positive(cfg.data, "data", ("image_size",), " (the resized side in pixels), or null for the native size")
     _validate_diagnostics(cfg.diagnostics)
+    _validate_codec(cfg.codec)
+
+
+def _validate_codec(c: CodecConfig) -> None:
+    _choice(c.name, ("identity", "diffusers"), "codec.name")
+    _choice(c.posterior, ("sample", "mean"), "codec.posterior")
+    if c.name == "diffusers" and not c.path:
+        raise ConfigError("codec.name=diffusers needs codec.path: a local AutoencoderKL directory (config.json and "
+                          "diffusion_pytorch_model.safetensors, e.g. a copy of stabilityai/sd-vae-ft-ema)")
+    if c.name == "identity" and (c.path or c.scale is not None or c.shift is not None):
+        raise ConfigError("codec.path/scale/shift are set but codec.name=identity (pixels) uses none of them; "
+                          "set codec.name=diffusers or remove them")
+    _need(c.scale is None or c.scale > 0, "codec.scale", c.scale, "must be positive (SD-VAE: 0.18215), or null")
 
 
 def _validate_model(m: ModelConfig) -> None:

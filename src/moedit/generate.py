@@ -1,5 +1,6 @@
 """Generation glue shared by the trainer and `moedit sample`: seeded noise, classifier-free guidance
-around the model, the configured sampler, and a class-per-row PNG grid."""
+around the model, the configured sampler, the codec's decoder (latents -> images), and a class-per-row
+PNG grid."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from moedit.codecs import Codec
 from moedit.config import SampleConfig
 from moedit.samplers import build_sampler
 from moedit.samplers.guidance import classifier_free_guidance
@@ -26,9 +28,10 @@ def _model_fn(model: torch.nn.Module, amp_dtype: torch.dtype | None):
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, objective, cfg: SampleConfig, y_B: torch.Tensor, device: torch.device,
-             amp_dtype: torch.dtype | None = None, max_batch: int = 256, progress: bool = False) -> torch.Tensor:
-    """Images in [-1, 1] (float32, on CPU) for labels y_B; noise is drawn from `cfg.seed` on the CPU
-    so the same seed gives the same samples on any device."""
+             amp_dtype: torch.dtype | None = None, max_batch: int = 256, progress: bool = False,
+             codec: Codec | None = None) -> torch.Tensor:
+    """Images in [-1, 1] (float32, on CPU) for labels y_B, decoded by `codec` (none: the model works in
+    pixels); noise is drawn from `cfg.seed` on the CPU so the same seed gives the same samples on any device."""
     was_training = model.training
     model.eval()
     m = model.cfg
@@ -44,7 +47,8 @@ def generate(model: torch.nn.Module, objective, cfg: SampleConfig, y_B: torch.Te
         chunk = slice(start, start + max_batch)
         x_BCHW = sampler.sample(model_fn, noise_BCHW[chunk].to(device), y_B[chunk].to(device),
                                 steps=cfg.steps, progress=progress)
-        out.append(x_BCHW.float().clamp(-1, 1).cpu())
+        x_BCHW = codec.decode(x_BCHW.float()) if codec is not None else x_BCHW.float()
+        out.append(x_BCHW.clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(out)
 
@@ -54,10 +58,11 @@ def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
 
 
 def save_class_grid(model: torch.nn.Module, objective, cfg: SampleConfig, num_classes: int, device: torch.device,
-                    path: Path, amp_dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
+                    path: Path, amp_dtype: torch.dtype | None = None, progress: bool = False,
+                    codec: Codec | None = None) -> torch.Tensor:
     """One row per class, `cfg.per_class` samples per row."""
     x_BCHW = generate(model, objective, cfg, class_labels(num_classes, cfg.per_class), device, amp_dtype,
-                      progress=progress)
+                      progress=progress, codec=codec)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_grid(x_BCHW, path, nrow=cfg.per_class)
     return x_BCHW

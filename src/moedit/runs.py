@@ -22,8 +22,9 @@ from moedit.config import Config, ConfigError, apply_overrides, from_dict, load_
 from moedit.train import checkpoint as ckpt
 
 # what the reading commands may change: how to sample, and where (never the model or its training)
-SAMPLE_OVERRIDES = ("sample.", "train.device=")
-EVAL_OVERRIDES = ("sample.", "train.device=", "train.threads=")
+# codec.path: where the run's autoencoder folder is now (the weights must be the same ones)
+SAMPLE_OVERRIDES = ("sample.", "train.device=", "codec.path=")
+EVAL_OVERRIDES = ("sample.", "train.device=", "train.threads=", "codec.path=")
 WEIGHTS = {"ema": "ema.safetensors", "raw": "model.safetensors"}
 
 

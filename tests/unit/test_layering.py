@@ -17,7 +17,7 @@ LAYERS = [
     {"utils"},
     {"config"},
     {"moe"},
-    {"models"},
+    {"models", "codecs"},
     {"objectives", "samplers", "generate"},
     {"data"},
     {"diagnostics"},

@@ -15,13 +15,15 @@ def add_arguments(p) -> None:
     p.add_argument("--npz", help="also write the images (uint8) and labels to this .npz")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override sample settings, e.g. --set sample.steps=100 sample.cfg_scale=3")
+                   help="override sample settings, e.g. --set sample.steps=100 sample.cfg_scale=3 (or codec.path=DIR "
+                        "when the run's autoencoder folder moved)")
     p.add_argument("--progress", action="store_true", help="show the sampler's progress bar")
 
 
 def run(args) -> int:
     import torch
 
+    from moedit.codecs import build_codec
     from moedit.data.base import to_uint8
     from moedit.device import autocast_dtype, resolve_device
     from moedit.generate import save_class_grid
@@ -36,8 +38,10 @@ def run(args) -> int:
     _check_outputs(out, npz)  # before the model is loaded and sampled: a bad path costs nothing
     device = resolve_device(cfg.train.device)
     model = run.load_model("raw" if args.raw else "ema", device)
+    codec = build_codec(cfg.codec).to(device)  # the run's: latents are decoded to images
     x_BCHW = save_class_grid(model, build_objective(cfg.objective), cfg.sample, cfg.model.num_classes, device, out,
-                             amp_dtype=autocast_dtype(cfg.train.precision, device), progress=args.progress)
+                             amp_dtype=autocast_dtype(cfg.train.precision, device), progress=args.progress,
+                             codec=codec)
     if npz is not None:
         labels = torch.arange(cfg.model.num_classes).repeat_interleave(cfg.sample.per_class)
         save_npz(npz, compressed=True, images=to_uint8(x_BCHW).numpy(), labels=labels.numpy())

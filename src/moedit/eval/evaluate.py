@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from moedit import __version__, runs
+from moedit.codecs import Codec, IdentityCodec, build_codec
 from moedit.config import Config, DataConfig
 from moedit.data import ImageDataset, build_dataset, default_cache_dir
 from moedit.eval import features as fx
@@ -84,10 +85,15 @@ def _check_scorable(cfg: Config) -> None:
     if cfg.data.name not in fx.DATASETS:
         raise EvalError(f"the run trained on data.name={cfg.data.name!r}, which has no domain classifier; "
                         f"evaluation supports: {', '.join(fx.DATASETS)} (docs/EVALUATION.md)")
+    if cfg.codec.name == "identity":  # a latent run's image shape is known once its codec is loaded
+        _check_image_shape(cfg, cfg.model.in_channels, cfg.model.image_size)
+
+
+def _check_image_shape(cfg: Config, channels: int, size: int) -> None:
     m = cfg.model
-    if (m.in_channels, m.image_size) != fx.IMAGE_SHAPE[:2] or m.num_classes < fx.NUM_CLASSES:
+    if (channels, size) != fx.IMAGE_SHAPE[:2] or m.num_classes < fx.NUM_CLASSES:
         raise EvalError(f"the {cfg.data.name} classifier scores 1x28x28 images of {fx.NUM_CLASSES} classes, but the "
-                        f"model makes {m.in_channels}x{m.image_size}x{m.image_size} images of {m.num_classes} classes")
+                        f"model makes {channels}x{size}x{size} images of {m.num_classes} classes")
 
 
 def load_model(run: Run, weights: str, device: torch.device) -> tuple[torch.nn.Module, str]:
@@ -283,12 +289,15 @@ def evaluate_run(
         amp_dtype = autocast_dtype(run.cfg.train.precision, device)
         weights = "raw" if raw or not run.cfg.sample.use_ema else "ema"
         model, weights_sha = load_model(run, weights, device)
-        settings = _settings(run, n, seed, batch_size, weights, weights_sha, device, amp_dtype)
+        codec = build_codec(run.cfg.codec).to(device)  # latents are scored as the images they decode to
+        _check_image_shape(run.cfg, *codec.pixel_shape(run.cfg.model.in_channels, run.cfg.model.image_size))
+        settings = _settings(run, n, seed, batch_size, weights, weights_sha, device, amp_dtype, codec)
         out = Path(out_dir) if out_dir is not None else default_out_dir(run, settings)
         record = {**_describe(run, settings, split, device), "out_dir": str(out)}
         earlier = _earlier_record(out, record, settings)  # refuses before anything in `out` is touched
         images_N, labels_N = sample_for_eval(model, build_objective(run.cfg.objective), settings, out / CACHE_NAME,
-                                             device, amp_dtype, progress=progress, on_batch=on_batch, log=log)
+                                             device, amp_dtype, progress=progress, on_batch=on_batch, log=log,
+                                             codec=codec)
         ctx = EvalContext(torch.from_numpy(images_N), torch.from_numpy(labels_N),
                           replace(run.cfg.data, split=split, image_size=None), seed, device,
                           Path(cache_dir) if cache_dir is not None else default_cache_dir(), log)
@@ -341,13 +350,14 @@ def _score(ctx: EvalContext, metrics: Sequence[str], earlier: dict) -> dict:
 
 
 def _settings(run: Run, n: int, seed: int, batch_size: int, weights: str, weights_sha: str,
-              device: torch.device, amp_dtype: torch.dtype | None) -> EvalSettings:
+              device: torch.device, amp_dtype: torch.dtype | None, codec: Codec) -> EvalSettings:
     s = run.cfg.sample
     return EvalSettings(n=n, num_classes=fx.NUM_CLASSES, seed=seed, batch_size=batch_size, sampler=s.sampler,
                         steps=s.steps, cfg_scale=s.cfg_scale, cfg_interval=s.cfg_interval,
                         cfg_channels=s.cfg_channels, weights=weights,
                         checkpoint_step=run.step, weights_sha256=weights_sha, device_type=device.type,
-                        precision="bf16" if amp_dtype == torch.bfloat16 else "fp32")
+                        precision="bf16" if amp_dtype == torch.bfloat16 else "fp32",
+                        codec=None if isinstance(codec, IdentityCodec) else codec.signature())
 
 
 def _balanced_n(n: int, num_classes: int, round_n: bool, log: Callable[[str], None]) -> int:

@@ -65,13 +65,15 @@ class EvalSettings:
     precision: str  # "fp32" | "bf16" (autocast while sampling)
     cache_format: int = field(default=CACHE_FORMAT)
     cfg_channels: int | None = None  # guided channels (null = all); left out of as_dict when null
+    codec: str | None = None  # the decoder's description for latent runs; null (pixel runs) left out of as_dict
 
     def as_dict(self) -> dict:
         """The settings as stored with a cache; `cfg_channels` only when set, so that caches written before
         the option existed (all channels guided) still match their settings."""
         d = asdict(self)
-        if d["cfg_channels"] is None:
-            del d["cfg_channels"]
+        for key in ("cfg_channels", "codec"):
+            if d[key] is None:
+                del d[key]
         return d
 
     def sample_config(self, seed: int) -> SampleConfig:
@@ -139,14 +141,15 @@ def write_cache(path: Path, settings: EvalSettings, images: np.ndarray, labels: 
 def sample_for_eval(model: torch.nn.Module, objective, settings: EvalSettings, cache_path: Path,
                     device: torch.device, amp_dtype: torch.dtype | None = None, progress: bool = False,
                     on_batch: Callable[[int, int], None] | None = None,
-                    log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    log: Callable[[str], None] | None = None, codec=None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, C, H, W), labels int64 (N,)), continuing from `cache_path` if it holds a prefix.
 
     `on_batch(done, total)` is called after each batch is safely in the cache (a hook for progress
     reporting, or for tests that interrupt a run)."""
     labels_N = class_balanced_labels(settings.n, settings.num_classes)
     m = model.cfg
-    images_N = np.zeros((settings.n, m.in_channels, m.image_size, m.image_size), dtype=np.uint8)
+    channels, size = codec.pixel_shape(m.in_channels, m.image_size) if codec is not None else (m.in_channels, m.image_size)
+    images_N = np.zeros((settings.n, channels, size, size), dtype=np.uint8)
     cached = read_cache(cache_path, settings)
     done = 0 if cached is None else len(cached[0])
     if cached is not None:
@@ -161,7 +164,7 @@ def sample_for_eval(model: torch.nn.Module, objective, settings: EvalSettings, c
         for b in range(done // bs, total):
             start, stop = b * bs, min((b + 1) * bs, settings.n)
             x_BCHW = generate(model, objective, settings.sample_config(batch_seed(settings.seed, b)),
-                              labels_N[start:stop], device, amp_dtype, max_batch=bs)
+                              labels_N[start:stop], device, amp_dtype, max_batch=bs, codec=codec)
             images_N[start:stop] = to_uint8(x_BCHW).numpy()
             write_cache(cache_path, settings, images_N[:stop], labels_N[:stop].numpy())
             bar.update(stop - start)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from moedit.codecs import Codec, IdentityCodec, build_codec
 from moedit.config import Config, ConfigError, save_yaml, to_dict
 from moedit.data import build_dataset
 from moedit.device import autocast_dtype, check_backend_runs, resolve_device
@@ -52,13 +53,17 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change."""
 
 
-def check_data_fits_model(cfg: Config, dataset) -> None:
+def check_data_fits_model(cfg: Config, dataset, codec: Codec | None = None) -> None:
     m = cfg.model
-    if (dataset.channels, dataset.image_size) != (m.in_channels, m.image_size):
+    codec = codec or IdentityCodec()
+    codec.check_pixels(dataset.channels, dataset.image_size)
+    channels, size = codec.latent_shape(dataset.channels, dataset.image_size)
+    if (channels, size) != (m.in_channels, m.image_size):
+        through = "" if isinstance(codec, IdentityCodec) else f", {channels}x{size}x{size} through the codec"
         raise ConfigError(
-            f"data {dataset.name} has {dataset.channels}x{dataset.image_size}x{dataset.image_size} images but the "
-            f"model expects {m.in_channels}x{m.image_size}x{m.image_size}; set model.in_channels="
-            f"{dataset.channels} model.image_size={dataset.image_size} (or data.image_size to resize)"
+            f"data {dataset.name} has {dataset.channels}x{dataset.image_size}x{dataset.image_size} images{through} "
+            f"but the model expects {m.in_channels}x{m.image_size}x{m.image_size}; set model.in_channels="
+            f"{channels} model.image_size={size}" + (" (or data.image_size to resize)" if not through else "")
         )
     if dataset.num_classes > m.num_classes:
         raise ConfigError(f"data {dataset.name} has {dataset.num_classes} classes but model.num_classes="
@@ -134,8 +139,10 @@ class Trainer:
                 tqdm.write(f"warning: {warning}")
         latest = self._check_run_dir(resume, start_if_empty)
         torch.manual_seed(cfg.seed + self.dist.rank)
+        self.codec = build_codec(cfg.codec).to(self.device)
+        cfg.codec.scale, cfg.codec.shift = (self.codec.scale, self.codec.shift) if cfg.codec.name != "identity" else (None, None)
         self.dataset = build_dataset(cfg.data)
-        check_data_fits_model(cfg, self.dataset)
+        check_data_fits_model(cfg, self.dataset, self.codec)
         self.model = build_model(cfg.model).to(self.device)
         store_parameters(self.model, tc, self.amp_dtype)  # train.param_dtype (docs/PRECISION.md)
         self.ema = EMA(self.model, tc.ema_decay)
@@ -273,6 +280,7 @@ class Trainer:
         for micro in range(tc.grad_accum):
             x0_BCHW, y_B = self.batches.get(step, micro)
             x0_BCHW, y_B = x0_BCHW.to(self.device, non_blocking=True), y_B.to(self.device, non_blocking=True)
+            x0_BCHW = self.codec.encode(x0_BCHW, sample=self.cfg.codec.posterior == "sample")  # the model's space
             with self._autocast():
                 loss, aux, aux_by_layer = self._loss_and_aux(x0_BCHW, y_B)
                 total = loss.float() + self.weighted_aux(aux)
@@ -317,7 +325,7 @@ class Trainer:
             return None
         path = self.run_dir / "samples" / f"{name}.png"
         save_class_grid(self.ema.model, self.objective, self.cfg.sample, self.cfg.model.num_classes,
-                        self.device, path, amp_dtype=self.amp_dtype)
+                        self.device, path, amp_dtype=self.amp_dtype, codec=self.codec)
         return path
 
     def train(self) -> dict:
