@@ -14,7 +14,7 @@ import yaml
 from moedit.cli.main import main as cli_main
 from moedit.codecs import CodecError, build_codec
 from moedit.config import CodecConfig, ConfigError, from_dict
-from moedit.train.trainer import Trainer
+from moedit.train.trainer import Trainer, TrainingError
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,6 +94,9 @@ def test_train_resume_and_sample_through_the_codec(vae_dir, tmp_path, capsys):
     a = load_file(str(straight / "checkpoints" / "step_00000004" / "model.safetensors"))
     b = load_file(str(split / "checkpoints" / "step_00000004" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # the posterior noise is part of the exact resume
+    with pytest.raises(TrainingError, match="trained with codec scale=0.18215.*scale=0.5"):
+        Trainer(from_dict({**_config(split, vae_dir, steps=6), "codec": {"name": "diffusers", "path": str(vae_dir),
+                                                                         "scale": 0.5}}), resume=True, progress=False)
     saved = yaml.safe_load((straight / "config.yaml").read_text())["codec"]
     assert saved["scale"] == pytest.approx(0.18215) and saved["shift"] == 0.0  # the run alone can sample
     npz = tmp_path / "s.npz"

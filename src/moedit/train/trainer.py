@@ -187,19 +187,37 @@ class Trainer:
             if self.dist.is_main:
                 tqdm.write(f"note: resuming {path.name}: {inexact}")
         self.ema.updates = state.get("ema_updates", 0)
-        self._note_older_aux_convention()
+        saved = self._saved_config()
+        self._check_same_codec(saved)
+        self._note_older_aux_convention(saved)
         return state["step"]
 
-    def _note_older_aux_convention(self) -> None:
-        """A run whose config.yaml predates `train.aux_over_layers` was trained with its auxiliary losses
-        averaged over the MoE layers; continuing it with `peers` multiplies their effect by the layer count."""
+    def _saved_config(self) -> dict:
+        """The run's config.yaml as it was written by its last start ({} when unreadable)."""
         import yaml
 
         try:
             saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
         except (OSError, yaml.YAMLError):
-            return
-        train = saved.get("train") if isinstance(saved, dict) else None
+            return {}
+        return saved if isinstance(saved, dict) else {}
+
+    def _check_same_codec(self, saved: dict) -> None:
+        """The model was trained on one codec's latents: resuming with another (or another scale) would mix
+        two input spaces in one run. Only the folder may move."""
+        before = saved.get("codec") or {"name": "identity"}
+        now = to_dict(self.cfg.codec)
+        differ = [k for k in ("name", "scale", "shift") if before.get(k) != now[k]]
+        if differ:
+            raise TrainingError(f"{self.run_dir} was trained with codec " + ", ".join(
+                f"{k}={before.get(k)!r}" for k in differ) + " but this config has " + ", ".join(
+                f"{k}={now[k]!r}" for k in differ) + "; resume with the run's codec settings (only codec.path may "
+                "change), or start a new train.out_dir")
+
+    def _note_older_aux_convention(self, saved: dict) -> None:
+        """A run whose config.yaml predates `train.aux_over_layers` was trained with its auxiliary losses
+        averaged over the MoE layers; continuing it with `peers` multiplies their effect by the layer count."""
+        train = saved.get("train")
         layers = len(self.model.moe_layers())
         if (isinstance(train, dict) and "aux_over_layers" not in train and layers > 1
                 and self.cfg.train.aux_over_layers == "peers" and self.dist.is_main):
