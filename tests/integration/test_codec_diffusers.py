@@ -133,3 +133,25 @@ def test_an_imported_facebookresearch_dit_checkpoint_samples_to_images_through_a
                      "sample.per_class=1"]) == 0
     assert np.load(npz)["images"].shape == (10, 1, 16, 16)
     assert (out / "samples").is_dir()
+
+
+def test_eval_scores_the_decoded_images_and_keys_its_cache_by_the_codec(vae_dir, tmp_path):
+    """A latent MNIST run (1×28×28 images -> 4×14×14 latents): `moedit eval` decodes before scoring, so
+    the classifier sees 28×28 images, and the sample cache records the codec."""
+    from moedit.data import DatasetError, load_mnist
+    from moedit.eval import evaluate_run
+
+    try:
+        load_mnist("test")
+    except DatasetError as exc:
+        pytest.skip(f"MNIST is not installed: {exc}")
+    run = tmp_path / "run"
+    data = _config(run, vae_dir, steps=2, ckpt_every=0)
+    data["model"].update(image_size=14)
+    data["data"] = {"name": "mnist"}
+    Trainer(from_dict(data), progress=False).train()
+    out = tmp_path / "eval"
+    record = evaluate_run(run, n=10, batch_size=10, out_dir=out, cache_dir=tmp_path / "cache", metrics=("fd_lenet",))
+    with np.load(out / "samples.npz") as f:
+        assert f["images"].shape == (10, 1, 28, 28)
+    assert record["codec"].startswith("diffusers ") and "fd_lenet" in record["metrics"]
