@@ -176,8 +176,11 @@ class CodecConfig:
     """What the model sees: the images themselves (`identity`) or an autoencoder's latents (docs/LATENT.md).
     The trainer writes the resolved scale and shift into the run's config.yaml, so the run alone samples."""
 
-    name: str = "identity"  # identity | diffusers (an AutoencoderKL in a local directory, e.g. sd-vae-ft-ema)
-    path: str | None = None  # diffusers: the directory (config.json + weights); nothing is ever downloaded
+    # identity | autoencoder (moedit's own: `moedit autoencoder train`) | diffusers (a local AutoencoderKL, e.g. SD-VAE)
+    name: str = "identity"
+    # autoencoder: a finished `moedit autoencoder train` folder, or moedit:mnist / moedit:fashion_mnist (shipped);
+    # diffusers: the directory (config.json + weights); nothing is ever downloaded
+    path: str | None = None
     scale: float | None = None  # z = scale · (latent − shift); null = the codec's own (SD-VAE: 0.18215)
     shift: float | None = None  # null = the codec's own (0 for SD-VAE)
     posterior: str = "sample"  # training latents: sample (mean + σ·ε, as DiT) | mean
@@ -342,6 +345,12 @@ def _build(cls: type, data: dict, where: str) -> Any:
         )
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def dataclass_from_dict(cls: type, data: dict | None, where: str = "") -> Any:
+    """Any config dataclass (e.g. `moedit autoencoder train`'s) from a plain dict, with Config's type
+    checks and unknown-key errors; range checks are the caller's."""
+    return _build(cls, dict(data or {}), where)
 
 
 def from_dict(data: dict) -> Config:
@@ -516,14 +525,19 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_codec(c: CodecConfig) -> None:
-    _choice(c.name, ("identity", "diffusers"), "codec.name")
+    from moedit.codecs import CODECS
+
+    _choice(c.name, CODECS, "codec.name")
     _choice(c.posterior, ("sample", "mean"), "codec.posterior")
     if c.name == "diffusers" and not c.path:
         raise ConfigError("codec.name=diffusers needs codec.path: a local AutoencoderKL directory (config.json and "
                           "diffusion_pytorch_model.safetensors, e.g. a copy of stabilityai/sd-vae-ft-ema)")
+    if c.name == "autoencoder" and not c.path:
+        raise ConfigError("codec.name=autoencoder needs codec.path: a shipped autoencoder (moedit:mnist, "
+                          "moedit:fashion_mnist) or the folder of a finished `moedit autoencoder train` run")
     if c.name == "identity" and (c.path or c.scale is not None or c.shift is not None):
         raise ConfigError("codec.path/scale/shift are set but codec.name=identity (pixels) uses none of them; "
-                          "set codec.name=diffusers or remove them")
+                          "set codec.name=autoencoder or diffusers, or remove them")
     _need(c.scale is None or c.scale > 0, "codec.scale", c.scale, "must be positive (SD-VAE: 0.18215), or null")
 
 

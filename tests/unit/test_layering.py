@@ -31,9 +31,9 @@ LAYERS = [
 LAYER = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 SAME_LAYER = {("samplers", "objectives"), ("generate", "samplers")}
 # config validates names against the registries they live in (routers, gates, backends, presets, objectives,
-# samplers, datasets), importing them inside functions only, when a config is built: the one kind of upward
+# samplers, datasets, codecs), importing them inside functions only, when a config is built: the one kind of upward
 # edge, so that no name list is kept twice
-ALLOWED_UP = {("config", pkg) for pkg in ("moe", "models", "objectives", "samplers", "data")}
+ALLOWED_UP = {("config", pkg) for pkg in ("moe", "models", "codecs", "objectives", "samplers", "data")}
 
 
 def _package(path: Path) -> str:

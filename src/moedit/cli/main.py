@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moedit.cli import autoencoder as autoencoder_cmd
 from moedit.cli import bench as bench_cmd
 from moedit.cli import convert as convert_cmd
 from moedit.cli import diagnose as diagnose_cmd
@@ -16,7 +17,7 @@ from moedit.cli import zoo as zoo_cmd
 
 COMMANDS = {"train": train_cmd, "sample": sample_cmd, "eval": eval_cmd, "convert": convert_cmd,
             "import": import_cmd, "diagnose": diagnose_cmd, "zoo": zoo_cmd,
-            "bench": bench_cmd}
+            "bench": bench_cmd, "autoencoder": autoencoder_cmd}
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -40,6 +40,10 @@ class Codec(nn.Module):
     def encode(self, x_BCHW: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def moments(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's unscaled posterior (μ, log σ²); a codec without a posterior raises CodecError."""
+        raise CodecError(f"codec {self.name!r} has no posterior to store; choose codec.name=autoencoder or diffusers")
+
     def decode(self, z_BCHW: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

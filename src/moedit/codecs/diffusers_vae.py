@@ -71,6 +71,12 @@ class DiffusersCodec(Codec):
                              f"{self.factor}; set data.image_size to a multiple of {self.factor}")
 
     @torch.no_grad()
+    def moments(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unscaled posterior (μ, log σ²): what a latent store keeps (DiffMoE's `moments`)."""
+        posterior = self.vae.encode(x_BCHW.float()).latent_dist
+        return posterior.mean, posterior.logvar
+
+    @torch.no_grad()
     def encode(self, x_BCHW: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         posterior = self.vae.encode(x_BCHW.float()).latent_dist
         latent = posterior.sample(generator) if sample else posterior.mean
