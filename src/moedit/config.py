@@ -165,10 +165,11 @@ class SampleConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    name: str = "mnist"  # mnist | fashion_mnist | folder | npz | synthetic
-    path: str | None = None  # folder / npz location; optional override for the others
+    name: str = "mnist"  # mnist | fashion_mnist | folder | npz | synthetic | latents (a `moedit extract` store)
+    path: str | None = None  # folder / npz / latent store location; optional override for the others
     split: str = "train"
     image_size: int | None = None  # resize (folder data); None = native size
+    crop: str = "center"  # folder data, lazy or extracted: center | adm (ADM's, as DiT's ImageNet pipeline)
 
 
 @dataclass(kw_only=True)
@@ -520,6 +521,9 @@ def validate(cfg: Config) -> None:
 
     _choice(cfg.data.name, DATASETS, "data.name")
     _positive(cfg.data, "data", ("image_size",), " (the resized side in pixels), or null for the native size")
+    _choice(cfg.data.crop, ("center", "adm"), "data.crop")
+    if cfg.data.name == "latents" and not cfg.data.path:
+        raise ConfigError("data.name=latents needs data.path: the folder `moedit extract --out` wrote")
     _validate_diagnostics(cfg.diagnostics)
     _validate_codec(cfg.codec)
 

@@ -22,7 +22,7 @@ LAYERS = [
     {"data"},
     {"diagnostics"},
     {"distributed", "device"},
-    {"train"},
+    {"train", "extract"},
     {"runs"},
     {"eval", "convert"},
     {"zoo", "bench"},

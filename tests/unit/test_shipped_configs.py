@@ -45,3 +45,18 @@ def test_router_configs_differ_from_the_quickstart_only_in_routing():
             assert (cfg.train.steps, cfg.train.batch_size, cfg.train.lr) == (base.train.steps, base.train.batch_size, base.train.lr)
             assert (cfg.model.width, cfg.model.depth, cfg.data) == (base.model.width, base.model.depth, base.data)
             assert cfg.train.out_dir != base.train.out_dir  # a variant never writes into the quickstart's run
+
+
+AUTOENCODER_CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "autoencoder").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", AUTOENCODER_CONFIGS, ids=[p.stem for p in AUTOENCODER_CONFIGS])
+def test_autoencoder_configs_build_and_reconstruct_at_their_shape(path):
+    from moedit.codecs.autoencoder_net import KLAutoencoder
+    from moedit.train.autoencoder import load_autoencoder_config
+
+    cfg = load_autoencoder_config(path)
+    assert cfg.data.name == path.stem and cfg.train.out_dir == f"runs/autoencoder_{path.stem}"
+    x = torch.randn(2, cfg.model.in_channels, 28, 28)
+    recon, mean, _ = KLAutoencoder(cfg.model)(x)
+    assert recon.shape == x.shape and mean.shape == (2, cfg.model.latent_channels, 7, 7)

@@ -13,8 +13,8 @@ HELP = ("train moedit's autoencoder (writes RUN/autoencoder.{safetensors,json}, 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     train = sub.add_parser("train", help="train an autoencoder; codec.path=RUN uses it",
-                           description="train an autoencoder from a YAML config (configs/autoencoder_mnist.yaml)")
-    train.add_argument("--config", "-c", help="YAML config, e.g. configs/autoencoder_mnist.yaml")
+                           description="train an autoencoder from a YAML config (configs/autoencoder/mnist.yaml)")
+    train.add_argument("--config", "-c", help="YAML config, e.g. configs/autoencoder/mnist.yaml")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="dotted overrides, e.g. --set train.steps=2000 data.name=fashion_mnist")
     train.add_argument("--resume", action="store_true", help="continue train.out_dir from its latest checkpoint")

@@ -10,6 +10,7 @@ from moedit.cli import bench as bench_cmd
 from moedit.cli import convert as convert_cmd
 from moedit.cli import diagnose as diagnose_cmd
 from moedit.cli import eval as eval_cmd
+from moedit.cli import extract as extract_cmd
 from moedit.cli import peer_import as import_cmd
 from moedit.cli import sample as sample_cmd
 from moedit.cli import train as train_cmd
@@ -17,7 +18,8 @@ from moedit.cli import zoo as zoo_cmd
 
 COMMANDS = {"train": train_cmd, "sample": sample_cmd, "eval": eval_cmd, "convert": convert_cmd,
             "import": import_cmd, "diagnose": diagnose_cmd, "zoo": zoo_cmd,
-            "bench": bench_cmd, "autoencoder": autoencoder_cmd}
+            "bench": bench_cmd, "autoencoder": autoencoder_cmd,
+            "extract": extract_cmd}
 
 
 def user_errors() -> tuple[type[Exception], ...]:

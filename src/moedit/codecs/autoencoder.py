@@ -166,8 +166,8 @@ class AutoencoderCodec(Codec):
     def decode(self, z_BCHW: torch.Tensor) -> torch.Tensor:
         return self.net.decode(z_BCHW.float() / self.scale + self.shift).clamp(-1, 1)
 
-    def signature(self) -> str:
-        return f"autoencoder {self.record['weights_sha256'][:16]} scale {self.scale:g} shift {self.shift:g}"
+    def identity(self) -> str:
+        return f"autoencoder {self.record['weights_sha256'][:16]}"
 
     def describe(self) -> str:
         s = self.spec

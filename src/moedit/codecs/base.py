@@ -50,9 +50,13 @@ class Codec(nn.Module):
     def describe(self) -> str:
         return self.name
 
+    def identity(self) -> str:
+        """Which encoder this is (its weights), without where they lie or the scale: a latent store's key."""
+        return self.name
+
     def signature(self) -> str:
         """What decides the decoded images, without where the weights lie (an evaluation's cache key)."""
-        return self.name
+        return f"{self.identity()} scale {self.scale:g} shift {self.shift:g}" if self.name != "identity" else self.name
 
 
 class IdentityCodec(Codec):

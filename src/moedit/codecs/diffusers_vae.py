@@ -55,6 +55,7 @@ class DiffusersCodec(Codec):
         self.pixel_channels = int(config.in_channels)
         self.latent_channels = int(config.latent_channels)
         self.factor = 2 ** (len(config.block_out_channels) - 1)
+        self._identity: str | None = None  # hashing SD-VAE's 335 MB takes a second: once
 
     def latent_shape(self, channels: int, size: int) -> tuple[int, int]:
         return self.latent_channels, size // self.factor
@@ -86,12 +87,14 @@ class DiffusersCodec(Codec):
     def decode(self, z_BCHW: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z_BCHW.float() / self.scale + self.shift).sample.clamp(-1, 1)
 
-    def signature(self) -> str:
+    def identity(self) -> str:
         """The config and the weight files' sha256 (sd-vae-ft-ema and -mse share one config), not the folder."""
-        digest = hashlib.sha256(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
-        for weights in sorted(p for p in self.path.iterdir() if p.suffix in (".safetensors", ".bin")):
-            digest.update(file_sha256(weights).encode())
-        return f"diffusers {digest.hexdigest()[:16]} scale {self.scale:g} shift {self.shift:g}"
+        if self._identity is None:
+            digest = hashlib.sha256(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
+            for weights in sorted(p for p in self.path.iterdir() if p.suffix in (".safetensors", ".bin")):
+                digest.update(file_sha256(weights).encode())
+            self._identity = f"diffusers {digest.hexdigest()[:16]}"
+        return self._identity
 
     def describe(self) -> str:
         return (f"diffusers AutoencoderKL {self.path} ({self.pixel_channels}→{self.latent_channels} channels, "

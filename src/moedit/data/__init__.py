@@ -7,15 +7,18 @@ at run time. Every loader returns an `ImageDataset`; `ImageDataset.batch` gives 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from moedit.config import DataConfig
 from moedit.data.base import DatasetError, ImageDataset, check_split, default_cache_dir, resize_square, to_uint8
 from moedit.data.fashion import load_fashion_mnist
 from moedit.data.folder import load_folder
+from moedit.data.latent_store import LatentDataset, read_header
 from moedit.data.mnist import load_mnist
 from moedit.data.npz import load_npz
 from moedit.data.synthetic import make_synthetic
 
-DATASETS = ("mnist", "fashion_mnist", "folder", "npz", "synthetic")
+DATASETS = ("mnist", "fashion_mnist", "folder", "npz", "synthetic", "latents")
 
 # synthetic defaults: MNIST-shaped so configs written for MNIST run on it unchanged
 SYNTHETIC_SIZES = {"train": 2048, "test": 512}
@@ -33,6 +36,9 @@ def build_dataset(cfg: DataConfig) -> ImageDataset:
         return load_folder(cfg.path, split=cfg.split, image_size=cfg.image_size)
     if name == "npz":
         return load_npz(cfg.path, split=cfg.split, image_size=cfg.image_size)
+    if name == "latents":
+        raise DatasetError("data.name=latents holds latents, not images: open it with open_latents (it needs the "
+                           "codec's scale and shift); for its images use the store's source data")
     if name == "synthetic":
         check_split(cfg.split, tuple(SYNTHETIC_SIZES), "synthetic")
         return make_synthetic(
@@ -41,10 +47,26 @@ def build_dataset(cfg: DataConfig) -> ImageDataset:
     raise DatasetError(f"data.name={name!r} is not a dataset; choose one of: {', '.join(DATASETS)}")
 
 
+def open_latents(cfg: DataConfig, scale: float, shift: float, posterior: str = "sample") -> LatentDataset:
+    """A `moedit extract` store (data.name=latents) as training data in the model's space."""
+    return LatentDataset(cfg.path, scale, shift, posterior)
+
+
+def source_data(cfg: DataConfig) -> DataConfig:
+    """The image data behind `cfg`: a latent store's source (what it was extracted from), else cfg itself."""
+    if cfg.name != "latents":
+        return cfg
+    return DataConfig(**{k: v for k, v in read_header(Path(cfg.path).expanduser())["source"].items()
+                         if k in DataConfig.__dataclass_fields__})
+
+
 __all__ = [
     "DATASETS",
     "DatasetError",
     "ImageDataset",
+    "LatentDataset",
+    "open_latents",
+    "source_data",
     "build_dataset",
     "default_cache_dir",
     "load_fashion_mnist",

@@ -45,7 +45,7 @@ import torch
 from moedit import __version__, runs
 from moedit.codecs import Codec, IdentityCodec, build_codec
 from moedit.config import Config, DataConfig
-from moedit.data import ImageDataset, build_dataset, default_cache_dir
+from moedit.data import ImageDataset, build_dataset, default_cache_dir, source_data
 from moedit.eval import features as fx
 from moedit.eval import metrics as mx
 from moedit.eval.sampling import EvalError, EvalSettings, check_balanced, sample_for_eval
@@ -71,8 +71,11 @@ def open_run(run_dir: str | Path, checkpoint: str | Path | None = None, override
     (moedit.runs.open_run), checked to be data that can be scored."""
     _check_overrides(overrides)
     cfg, _ = runs.run_configs(run_dir, overrides, allowed=runs.EVAL_OVERRIDES, command="evaluation")
+    cfg.data = source_data(cfg.data)  # a latent store is scored against the images it was extracted from
     _check_scorable(cfg)  # before the checkpoint: data without a classifier is refused however far it trained
-    return runs.open_run(run_dir, checkpoint, overrides, allowed=runs.EVAL_OVERRIDES, command="evaluation")
+    run = runs.open_run(run_dir, checkpoint, overrides, allowed=runs.EVAL_OVERRIDES, command="evaluation")
+    run.cfg.data = cfg.data
+    return run
 
 
 def _check_overrides(overrides: Sequence[str]) -> None:

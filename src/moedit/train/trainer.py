@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from moedit.codecs import Codec, IdentityCodec, build_codec
 from moedit.config import Config, ConfigError, save_yaml, to_dict
-from moedit.data import build_dataset
+from moedit.data import build_dataset, open_latents, read_header
 from moedit.device import autocast_dtype, check_backend_runs, resolve_device
 from moedit.distributed import setup as dist_setup
 from moedit.distributed.setup import all_reduce_sum, init_distributed, wrap_data_parallel
@@ -139,10 +139,18 @@ class Trainer:
                 tqdm.write(f"warning: {warning}")
         latest = self._check_run_dir(resume, start_if_empty)
         torch.manual_seed(cfg.seed + self.dist.rank)
+        store = read_header(Path(cfg.data.path).expanduser()) if cfg.data.name == "latents" else None
+        if store is not None:
+            self._adopt_store_codec(store)
         self.codec = build_codec(cfg.codec).to(self.device)
         cfg.codec.scale, cfg.codec.shift = (self.codec.scale, self.codec.shift) if cfg.codec.name != "identity" else (None, None)
-        self.dataset = build_dataset(cfg.data)
-        check_data_fits_model(cfg, self.dataset, self.codec)
+        if store is None:
+            self.dataset = build_dataset(cfg.data)
+            check_data_fits_model(cfg, self.dataset, self.codec)
+        else:  # latents already: the codec only decodes samples
+            self._check_store_codec(store)
+            self.dataset = open_latents(cfg.data, self.codec.scale, self.codec.shift, cfg.codec.posterior)
+            check_data_fits_model(cfg, self.dataset)
         self.model = build_model(cfg.model).to(self.device)
         store_parameters(self.model, tc, self.amp_dtype)  # train.param_dtype (docs/PRECISION.md)
         self.ema = EMA(self.model, tc.ema_decay)
@@ -161,6 +169,21 @@ class Trainer:
         self.routing_monitor = build_monitor(  # RUN/routing/ (docs/DIAGNOSTICS.md); a no-op for dense models
             cfg, self.model, self.run_dir, self.start_step, is_main=self.dist.is_main,
             reduce_fn=all_reduce_sum if self.dist.enabled else None, log=tqdm.write)
+
+    def _adopt_store_codec(self, store: dict) -> None:
+        """A latent store names its codec: a config that names none (identity) takes it, so the run directory
+        records the decoder its samples need."""
+        if self.cfg.codec.name == "identity":
+            self.cfg.codec.name, self.cfg.codec.path = store["codec"]["name"], store["codec"]["path"]
+            if self.dist.is_main:
+                tqdm.write(f"note: codec from the latent store: {store['codec']['describe']}")
+
+    def _check_store_codec(self, store: dict) -> None:
+        if self.codec.identity() != store["codec_identity"]:
+            raise TrainingError(f"the latent store {self.cfg.data.path} was extracted with {store['codec']['describe']} "
+                                f"({store['codec_identity']}) but codec is {self.codec.describe()} "
+                                f"({self.codec.identity()}); its latents mean nothing to this decoder. Set codec.path "
+                                "to the store's autoencoder, or extract the data again with this codec")
 
     def _check_run_dir(self, resume: bool, start_if_empty: bool) -> Path | None:
         existing = ckpt.list_checkpoints(self.ckpt_root)
@@ -298,7 +321,8 @@ class Trainer:
         for micro in range(tc.grad_accum):
             x0_BCHW, y_B = self.batches.get(step, micro)
             x0_BCHW, y_B = x0_BCHW.to(self.device, non_blocking=True), y_B.to(self.device, non_blocking=True)
-            x0_BCHW = self.codec.encode(x0_BCHW, sample=self.cfg.codec.posterior == "sample")  # the model's space
+            if not getattr(self.dataset, "is_latent", False):  # a latent store's batches are in it already
+                x0_BCHW = self.codec.encode(x0_BCHW, sample=self.cfg.codec.posterior == "sample")  # the model's space
             with self._autocast():
                 loss, aux, aux_by_layer = self._loss_and_aux(x0_BCHW, y_B)
                 total = loss.float() + self.weighted_aux(aux)
