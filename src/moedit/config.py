@@ -170,6 +170,8 @@ class DataConfig:
     split: str = "train"
     image_size: int | None = None  # resize (folder data); None = native size
     crop: str = "center"  # folder data, lazy or extracted: center | adm (ADM's, as DiT's ImageNet pipeline)
+    # data.name=latents: auto (from the folder) | moedit (`moedit extract`) | fast_dit | promoe | mar (the peers')
+    latent_format: str = "auto"
 
 
 @dataclass(kw_only=True)
@@ -522,6 +524,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg.data.name, DATASETS, "data.name")
     _positive(cfg.data, "data", ("image_size",), " (the resized side in pixels), or null for the native size")
     _choice(cfg.data.crop, ("center", "adm"), "data.crop")
+    _choice(cfg.data.latent_format, ("auto", "moedit", "fast_dit", "promoe", "mar"), "data.latent_format")
     if cfg.data.name == "latents" and not cfg.data.path:
         raise ConfigError("data.name=latents needs data.path: the folder `moedit extract --out` wrote")
     _validate_diagnostics(cfg.diagnostics)

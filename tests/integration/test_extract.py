@@ -69,7 +69,7 @@ def test_the_lazy_folder_scans_once_and_crops_like_adm(imagenet_like, monkeypatc
     x, y = ds[8]
     assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == 1
     listed = []
-    monkeypatch.setattr(lazy_folder, "_files", lambda d: listed.append(d) or [])
+    monkeypatch.setattr(lazy_folder, "_files", lambda d, suffixes=None: listed.append(d) or [])
     assert len(LazyImageFolder(imagenet_like, image_size=16)) == 21 and not listed  # from the cached scan
     monkeypatch.undo()
     monkeypatch.setenv("MOEDIT_CACHE", str(tmp_path / "cache"))

@@ -14,6 +14,7 @@ from moedit.data.base import DatasetError, ImageDataset, check_split, default_ca
 from moedit.data.fashion import load_fashion_mnist
 from moedit.data.folder import load_folder
 from moedit.data.latent_store import LatentDataset, read_header
+from moedit.data.peer_latents import FastDiTLatents, PerImageLatents, detect_format
 from moedit.data.mnist import load_mnist
 from moedit.data.npz import load_npz
 from moedit.data.synthetic import make_synthetic
@@ -47,14 +48,25 @@ def build_dataset(cfg: DataConfig) -> ImageDataset:
     raise DatasetError(f"data.name={name!r} is not a dataset; choose one of: {', '.join(DATASETS)}")
 
 
-def open_latents(cfg: DataConfig, scale: float, shift: float, posterior: str = "sample") -> LatentDataset:
-    """A `moedit extract` store (data.name=latents) as training data in the model's space."""
-    return LatentDataset(cfg.path, scale, shift, posterior)
+def latent_format(cfg: DataConfig) -> str:
+    """data.latent_format, or the layout found at data.path when it is `auto`."""
+    return cfg.latent_format if cfg.latent_format != "auto" else detect_format(Path(cfg.path).expanduser())
+
+
+def open_latents(cfg: DataConfig, scale: float, shift: float, posterior: str = "sample"):
+    """Latents (data.name=latents) as training data in the model's space: a `moedit extract` store or a
+    peer's pre-extracted folder (data/peer_latents.py, each with its scale convention)."""
+    fmt = latent_format(cfg)
+    if fmt == "moedit":
+        return LatentDataset(cfg.path, scale, shift, posterior)
+    if fmt == "fast_dit":
+        return FastDiTLatents(cfg.path, scale, shift)
+    return PerImageLatents(cfg.path, fmt, scale, shift, posterior)
 
 
 def source_data(cfg: DataConfig) -> DataConfig:
     """The image data behind `cfg`: a latent store's source (what it was extracted from), else cfg itself."""
-    if cfg.name != "latents":
+    if cfg.name != "latents" or latent_format(cfg) != "moedit":  # the peers' folders do not say
         return cfg
     return DataConfig(**{k: v for k, v in read_header(Path(cfg.path).expanduser())["source"].items()
                          if k in DataConfig.__dataclass_fields__})
@@ -66,6 +78,7 @@ __all__ = [
     "ImageDataset",
     "LatentDataset",
     "open_latents",
+    "latent_format",
     "source_data",
     "build_dataset",
     "default_cache_dir",

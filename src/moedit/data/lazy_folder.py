@@ -38,18 +38,19 @@ def _class_dirs(root: Path) -> list[os.DirEntry]:
     return sorted((e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name)
 
 
-def _files(class_dir: str) -> list[str]:
+def _files(class_dir: str, suffixes: tuple[str, ...] = EXTENSIONS) -> list[str]:
     return sorted(e.name for e in os.scandir(class_dir)
-                  if e.is_file() and not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in EXTENSIONS)
+                  if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(suffixes))
 
 
-def _cache_path(root: Path) -> Path:
-    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:20]
+def _cache_path(root: Path, suffixes: tuple[str, ...]) -> Path:
+    key = hashlib.sha256(f"{root.resolve()}|{'|'.join(suffixes)}".encode()).hexdigest()[:20]
     return default_cache_dir() / "folder_scans" / f"{key}.json"
 
 
-def scan(root: Path, use_cache: bool = True) -> dict:
-    """{"classes": [...], "files": [[name, ...] per class], "mtimes": [...], "mode": "RGB"|"L"}."""
+def scan(root: Path, use_cache: bool = True, suffixes: tuple[str, ...] = EXTENSIONS, what: str = "images") -> dict:
+    """{"classes": [...], "files": [[name, ...] per class], "mtimes": [...], "mode": "RGB"|"L"} of the files
+    ending in one of `suffixes` (images by default; the peers' latent files for data/peer_latents.py)."""
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a folder; set data.path to a folder "
                            "with one sub-folder per class")
@@ -58,7 +59,7 @@ def scan(root: Path, use_cache: bool = True) -> dict:
         raise DatasetError(f"image folder {root} has no class sub-folders; put each class's images in its own "
                            f"sub-folder, e.g. {root}/cat/001.png")
     mtimes = [e.stat().st_mtime_ns for e in dirs]
-    cache = _cache_path(root)
+    cache = _cache_path(root, suffixes)
     if use_cache and cache.is_file():
         try:
             cached = json.loads(cache.read_text())
@@ -67,12 +68,12 @@ def scan(root: Path, use_cache: bool = True) -> dict:
         if (isinstance(cached, dict) and cached.get("version") == SCAN_VERSION and cached.get("root") == str(root.resolve())
                 and cached.get("classes") == [e.name for e in dirs] and cached.get("mtimes") == mtimes):
             return cached
-    files = [_files(e.path) for e in dirs]
+    files = [_files(e.path, suffixes) for e in dirs]
     empty = [e.name for e, names in zip(dirs, files) if not names]
     if empty:
-        raise DatasetError(f"class folder {root / empty[0]} holds no images ({', '.join(EXTENSIONS)}); add images "
+        raise DatasetError(f"class folder {root / empty[0]} holds no {what} ({', '.join(suffixes)}); add them "
                            "or remove the folder")
-    grey = all(_mode(root / e.name / names[0]) in GREY_MODES for e, names in zip(dirs, files))
+    grey = suffixes == EXTENSIONS and all(_mode(root / e.name / n[0]) in GREY_MODES for e, n in zip(dirs, files))
     result = {"version": SCAN_VERSION, "root": str(root.resolve()), "classes": [e.name for e in dirs],
               "mtimes": mtimes, "files": files, "mode": "L" if grey else "RGB"}
     if use_cache:

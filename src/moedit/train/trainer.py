@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from moedit.codecs import Codec, IdentityCodec, build_codec
 from moedit.config import Config, ConfigError, save_yaml, to_dict
-from moedit.data import build_dataset, open_latents, read_header
+from moedit.data import build_dataset, latent_format, open_latents, read_header
 from moedit.device import autocast_dtype, check_backend_runs, resolve_device
 from moedit.distributed import setup as dist_setup
 from moedit.distributed.setup import all_reduce_sum, init_distributed, wrap_data_parallel
@@ -139,16 +139,20 @@ class Trainer:
                 tqdm.write(f"warning: {warning}")
         latest = self._check_run_dir(resume, start_if_empty)
         torch.manual_seed(cfg.seed + self.dist.rank)
-        store = read_header(Path(cfg.data.path).expanduser()) if cfg.data.name == "latents" else None
+        fmt = latent_format(cfg.data) if cfg.data.name == "latents" else None
+        store = read_header(Path(cfg.data.path).expanduser()) if fmt == "moedit" else None
         if store is not None:
             self._adopt_store_codec(store)
+        elif fmt is not None:
+            self._check_peer_codec(fmt)
         self.codec = build_codec(cfg.codec).to(self.device)
         cfg.codec.scale, cfg.codec.shift = (self.codec.scale, self.codec.shift) if cfg.codec.name != "identity" else (None, None)
-        if store is None:
+        if fmt is None:
             self.dataset = build_dataset(cfg.data)
             check_data_fits_model(cfg, self.dataset, self.codec)
         else:  # latents already: the codec only decodes samples
-            self._check_store_codec(store)
+            if store is not None:
+                self._check_store_codec(store)
             self.dataset = open_latents(cfg.data, self.codec.scale, self.codec.shift, cfg.codec.posterior)
             check_data_fits_model(cfg, self.dataset)
         self.model = build_model(cfg.model).to(self.device)
@@ -177,6 +181,16 @@ class Trainer:
             self.cfg.codec.name, self.cfg.codec.path = store["codec"]["name"], store["codec"]["path"]
             if self.dist.is_main:
                 tqdm.write(f"note: codec from the latent store: {store['codec']['describe']}")
+
+    def _check_peer_codec(self, fmt: str) -> None:
+        """A peer's latents name no VAE: the config must, and only the user can know it is the right one."""
+        if self.cfg.codec.name == "identity":
+            raise TrainingError(f"data.latent_format={fmt}: these latents need the VAE they were extracted with to "
+                                "decode samples; set codec.name=diffusers codec.path=<that VAE's folder> (SD-VAE "
+                                "sd-vae-ft-ema or -mse for the DiT-family caches)")
+        if self.dist.is_main:
+            tqdm.write(f"note: {fmt} latents record no VAE; samples are decoded with codec.path={self.cfg.codec.path}, "
+                       "which must be the VAE they were extracted with")
 
     def _check_store_codec(self, store: dict) -> None:
         if self.codec.identity() != store["codec_identity"]:
