@@ -170,6 +170,8 @@ class DataConfig:
     split: str = "train"
     image_size: int | None = None  # resize (folder data); None = native size
     crop: str = "center"  # folder data, lazy or extracted: center | adm (ADM's, as DiT's ImageNet pipeline)
+    lazy: bool = False  # folder data: decode each image when a batch needs it, never all into memory
+    workers: int = 0  # DataLoader processes reading lazy folders and latents ahead of the step (0 = in the step)
     # data.name=latents: auto (from the folder) | moedit (`moedit extract`) | fast_dit | promoe | mar (the peers')
     latent_format: str = "auto"
 
@@ -524,6 +526,9 @@ def validate(cfg: Config) -> None:
     _choice(cfg.data.name, DATASETS, "data.name")
     _positive(cfg.data, "data", ("image_size",), " (the resized side in pixels), or null for the native size")
     _choice(cfg.data.crop, ("center", "adm"), "data.crop")
+    _need(cfg.data.workers >= 0, "data.workers", cfg.data.workers, "must be at least 0 (0 = read in the training step)")
+    _need(not cfg.data.lazy or cfg.data.name == "folder", "data.lazy", cfg.data.lazy,
+          "applies to data.name=folder only (the other datasets are small and read into memory; latents are lazy)")
     _choice(cfg.data.latent_format, ("auto", "moedit", "fast_dit", "promoe", "mar"), "data.latent_format")
     if cfg.data.name == "latents" and not cfg.data.path:
         raise ConfigError("data.name=latents needs data.path: the folder `moedit extract --out` wrote")

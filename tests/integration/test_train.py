@@ -61,6 +61,59 @@ def test_resume_is_exact(tmp_path):
     assert bias_keys and any(final_tensors(straight)[k].abs().sum() > 0 for k in bias_keys)
 
 
+@pytest.fixture(scope="module")
+def png_folder(tmp_path_factory):
+    """20 grey 8×8 PNGs in 2 classes: 2 batches of 8 per epoch, so 6 steps of 2 micro-batches cross epochs."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("pngs")
+    gen = torch.Generator().manual_seed(0)
+    for c in range(2):
+        (root / f"class{c}").mkdir()
+        for i in range(10):
+            pixels = (torch.rand(8, 8, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_resume_mid_epoch_is_exact_with_lazy_data_read_by_workers(tmp_path, png_folder, monkeypatch):
+    """The straight run reads in the step, the resumed one through 2 DataLoader workers, split mid-epoch:
+    the same batches, so the same weights; the checkpoint records where the batch order stands."""
+    monkeypatch.setenv("MOEDIT_CACHE", str(tmp_path / "cache"))
+
+    def lazy(out, workers, **train):
+        data = tiny_config(out, ckpt_every=0, **train)
+        data["data"] = {"name": "folder", "path": str(png_folder), "lazy": True, "workers": workers}
+        data["model"]["in_channels"] = 1
+        return data
+
+    run_training(lazy(tmp_path / "straight", 0, steps=5))
+    run_training(lazy(tmp_path / "split", 2, steps=2))  # 4 batches of 2 per epoch: step 2 is mid-epoch 2
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step_00000002" / "state.json").read_text())
+    assert state["data_position"] == {"epoch": 2, "batch_in_epoch": 0, "batches_per_epoch": 2, "dataset_size": 20,
+                                      "batch_size": 8, "world": 1, "grad_accum": 2, "seed": 3}
+    run_training(lazy(tmp_path / "split", 2, steps=5), resume=True)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = final_tensors(tmp_path / "straight", name), final_tensors(tmp_path / "split", name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_with_a_changed_dataset_says_the_batches_differ(tmp_path, png_folder, monkeypatch, capsys):
+    monkeypatch.setenv("MOEDIT_CACHE", str(tmp_path / "cache"))
+    data = tiny_config(tmp_path / "run", steps=3, ckpt_every=0)
+    data["data"] = {"name": "folder", "path": str(png_folder), "lazy": True}
+    data["model"]["in_channels"] = 1
+    run_training(data)
+    extra = png_folder / "class0" / "extra.png"
+    extra.write_bytes((png_folder / "class0" / "0.png").read_bytes())
+    try:
+        capsys.readouterr()
+        run_training({**data, "train": {**data["train"], "steps": 4}}, resume=True)
+        assert "dataset_size 20 → 21" in capsys.readouterr().out
+    finally:
+        extra.unlink()
+
+
 def test_run_directory_contents(tmp_path):
     run = tmp_path / "run"
     trainer = run_training(tiny_config(run, keep_last=1))

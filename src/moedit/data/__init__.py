@@ -14,6 +14,7 @@ from moedit.data.base import DatasetError, ImageDataset, check_split, default_ca
 from moedit.data.fashion import load_fashion_mnist
 from moedit.data.folder import load_folder
 from moedit.data.latent_store import LatentDataset, read_header
+from moedit.data.lazy_folder import LazyImageFolder
 from moedit.data.peer_latents import FastDiTLatents, PerImageLatents, detect_format
 from moedit.data.mnist import load_mnist
 from moedit.data.npz import load_npz
@@ -33,8 +34,10 @@ def build_dataset(cfg: DataConfig) -> ImageDataset:
         return load_mnist(cfg.split, path=cfg.path, image_size=cfg.image_size)
     if name == "fashion_mnist":
         return load_fashion_mnist(cfg.split, path=cfg.path, image_size=cfg.image_size)
+    if name == "folder" and cfg.lazy:
+        return LazyImageFolder(cfg.path, split=cfg.split, image_size=cfg.image_size, crop=cfg.crop)
     if name == "folder":
-        return load_folder(cfg.path, split=cfg.split, image_size=cfg.image_size)
+        return load_folder(cfg.path, split=cfg.split, image_size=cfg.image_size, crop=cfg.crop)
     if name == "npz":
         return load_npz(cfg.path, split=cfg.split, image_size=cfg.image_size)
     if name == "latents":

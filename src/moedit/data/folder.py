@@ -10,7 +10,8 @@ a folder without split sub-folders is the "train" split and has no other).
 - Colour: all images become RGB unless every image is greyscale (PIL modes 1, L, LA), then "L".
   Alpha is dropped. Only 8-bit images are accepted (16-bit / float files raise).
 - Size: with `image_size`, each image is resized so its shorter side is `image_size` (bicubic,
-  antialiased by PIL) and centre-cropped to a square. Without it every image must already share
+  antialiased by PIL) and centre-cropped to a square (`crop=center`), or first halved with a box filter
+  while it is at least twice that size (`crop=adm`, ADM's and DiT's ImageNet crop). Without it every image must already share
   one square size.
 - Hidden entries and files with other extensions are ignored.
 """
@@ -30,6 +31,7 @@ SPLITS = ("train", "test")
 GREY_MODES = ("1", "L", "LA")
 UNSUPPORTED_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 PROGRESS_THRESHOLD = 1000  # show a progress bar above this many files
+CROPS = ("center", "adm")
 
 
 def _visible(p: Path) -> bool:
@@ -75,19 +77,28 @@ def _probe(path: Path) -> tuple[str, tuple[int, int]]:
     return mode, size
 
 
-def _load(path: Path, mode: str, image_size: int | None) -> np.ndarray:
+def center_crop(im: Image.Image, size: int, crop: str) -> Image.Image:
+    """The square `size`×`size` crop: `center` or `adm` (lazy_folder.py's docstring says how they differ)."""
+    if crop == "adm":
+        while min(im.size) >= 2 * size:
+            im = im.resize(tuple(s // 2 for s in im.size), resample=Image.Resampling.BOX)
+    w, h = im.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        im = im.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def _load(path: Path, mode: str, image_size: int | None, crop: str = "center") -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = im.convert(mode)
     except (UnidentifiedImageError, OSError) as exc:  # a header can parse while the data is damaged
         raise DatasetError(f"cannot read image {path}: {exc}; fix or delete the file") from exc
     if image_size is not None and im.size != (image_size, image_size):
-        w, h = im.size
-        scale = image_size / min(w, h)
-        new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-        im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-        im = im.crop((left, top, left + image_size, top + image_size))
+        im = center_crop(im, image_size, crop)
     arr = np.asarray(im, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
@@ -107,7 +118,8 @@ def _split_root(root: Path, split: str) -> Path:
     )
 
 
-def load_folder(path: str | Path, split: str = "train", image_size: int | None = None) -> ImageDataset:
+def load_folder(path: str | Path, split: str = "train", image_size: int | None = None,
+                crop: str = "center") -> ImageDataset:
     """Load every image under `path` (see module docstring) into memory as uint8."""
     if path is None:
         raise DatasetError("the folder dataset needs data.path=<folder with one sub-folder per class>")
@@ -125,7 +137,7 @@ def load_folder(path: str | Path, split: str = "train", image_size: int | None =
     channels = 1 if mode == "L" else 3
     images_NCHW = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
     for i, (p, _) in enumerate(tqdm(files, desc=f"loading {root.name}", disable=not show, unit="img")):
-        images_NCHW[i] = _load(p, mode, image_size).transpose(2, 0, 1)
+        images_NCHW[i] = _load(p, mode, image_size, crop).transpose(2, 0, 1)
     labels_N = np.array([label for _, label in files], dtype=np.int64)
     return make_dataset(images_NCHW, labels_N, classes, name=f"folder:{root}")
 

@@ -153,13 +153,22 @@ class LatentDataset:
                                f"{self.store / 'shards' / f'{bad:05d}'}.* and run `moedit extract` again")
         return torch.from_numpy(out)
 
-    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        m_BF2CHW = self.moments(indices)
+    def item(self, i: int) -> tuple[torch.Tensor, int]:
+        """One image's stored moments (F, 2, C, h, w) and label: what a DataLoader worker reads."""
+        return self.moments([int(i)])[0], int(self.labels_N[int(i)])
+
+    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """In the main process, from the checkpointed RNG: a view per image, then z = scale·(μ + σ·ε − shift)."""
+        m_BF2CHW = torch.stack([m for m, _ in items])
         B = m_BF2CHW.shape[0]
         view_B = torch.randint(0, 2, (B,)) if self.use_flip else torch.zeros(B, dtype=torch.long)
         mean_BCHW, logvar_BCHW = m_BF2CHW[torch.arange(B), view_B].unbind(1)
         z_BCHW = mean_BCHW
         if self.posterior == "sample":
             z_BCHW = mean_BCHW + torch.exp(0.5 * logvar_BCHW) * torch.randn(mean_BCHW.shape)
-        idx_B = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return (z_BCHW - self.shift) * self.scale, self.labels_N[idx_B]
+        return (z_BCHW - self.shift) * self.scale, torch.tensor([y for _, y in items], dtype=torch.long)
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        m_BF2CHW = self.moments(indices)  # one gather per shard, not one read per image
+        labels_B = self.labels_N[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
+        return self.collate(list(zip(m_BF2CHW, labels_B.tolist())))

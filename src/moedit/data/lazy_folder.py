@@ -27,10 +27,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from moedit.data.base import DatasetError, default_cache_dir
-from moedit.data.folder import EXTENSIONS, GREY_MODES, SPLITS, UNSUPPORTED_MODES, _split_root
+from moedit.data.folder import CROPS, EXTENSIONS, GREY_MODES, SPLITS, UNSUPPORTED_MODES, _split_root, center_crop
 from moedit.utils.files import atomic_write_text
 
-CROPS = ("center", "adm")
 SCAN_VERSION = 1
 
 
@@ -92,20 +91,6 @@ def _mode(path: Path) -> str:
         raise DatasetError(f"cannot read image {path}: {exc}; fix or delete the file") from exc
 
 
-def center_crop(im: Image.Image, size: int, crop: str) -> Image.Image:
-    """The square `size`×`size` crop of module docstring's `center` or `adm` rule."""
-    if crop == "adm":
-        while min(im.size) >= 2 * size:
-            im = im.resize(tuple(s // 2 for s in im.size), resample=Image.Resampling.BOX)
-    w, h = im.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        im = im.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return im.crop((left, top, left + size, top + size))
-
-
 class LazyImageFolder(torch.utils.data.Dataset):
     """`ds[i]` = (uint8 C×H×W tensor, label); `ds.batch(indices)` = (x in [-1, 1], y) like ImageDataset."""
 
@@ -156,9 +141,16 @@ class LazyImageFolder(torch.utils.data.Dataset):
             raise DatasetError(f"image {path} is {arr.shape[1]}x{arr.shape[0]} but every image must be "
                                f"{self.image_size}x{self.image_size}; set data.image_size to resize them")
         arr = arr[:, :, None] if arr.ndim == 2 else arr
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), int(self.labels_N[i])
+        return torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C")), int(self.labels_N[i])  # a writable copy
 
-    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [self[int(i)] for i in indices]
+    def item(self, i: int) -> tuple[torch.Tensor, int]:
+        """What a DataLoader worker reads (train/batches.py)."""
+        return self[i]
+
+    @staticmethod
+    def collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
         x_BCHW = torch.stack([x for x, _ in items]).to(torch.float32) / 127.5 - 1.0
         return x_BCHW, torch.tensor([y for _, y in items], dtype=torch.long)
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.collate([self.item(int(i)) for i in indices])

@@ -68,6 +68,9 @@ class _LatentFiles:
     def __len__(self) -> int:
         return len(self.labels_N)
 
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.collate([self.item(int(i)) for i in indices])
+
     def _finish(self, first: np.ndarray, class_names: list[str], name: str) -> None:
         self.class_names, self.num_classes, self.name = class_names, len(class_names), name
         self.channels, self.image_size = int(first.shape[-3]), int(first.shape[-1])
@@ -105,12 +108,16 @@ class PerImageLatents(_LatentFiles):
     def path(self, i: int) -> Path:
         return self._dirs[int(self.labels_N[i])] / self._names[i]
 
-    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = [int(i) for i in indices]
-        view_B = torch.randint(0, 2, (len(idx),))
-        params = [self._load(self.path(i), (self.keys[int(v)],))[0] for i, v in zip(idx, view_B)]
-        z_BCHW = _sample(torch.from_numpy(np.stack(params)), self.posterior)
-        return (z_BCHW - self.shift) * self.scale, self.labels_N[torch.tensor(idx, dtype=torch.long)]
+    def item(self, i: int) -> tuple[torch.Tensor, int]:
+        """Both views' parameters (2, 2C, h, w) and the label: what a DataLoader worker reads."""
+        return torch.from_numpy(np.stack(self._load(self.path(i), self.keys))), int(self.labels_N[i])
+
+    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """In the main process, from the checkpointed RNG: a view per image, then the scaled sample."""
+        params_B22CHW = torch.stack([p for p, _ in items])
+        view_B = torch.randint(0, 2, (len(items),))
+        z_BCHW = _sample(params_B22CHW[torch.arange(len(items)), view_B], self.posterior)
+        return (z_BCHW - self.shift) * self.scale, torch.tensor([y for _, y in items], dtype=torch.long)
 
 
 class FastDiTLatents(_LatentFiles):
@@ -155,10 +162,13 @@ class FastDiTLatents(_LatentFiles):
         except (OSError, ValueError) as exc:
             raise DatasetError(f"cannot read {path} ({exc}); re-extract it") from exc
 
-    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = [int(i) for i in indices]
-        z = np.stack([self._load_npy(self.features / self._names[i]).reshape(self.channels, self.image_size,
-                                                                              self.image_size) for i in idx])
+    def item(self, i: int) -> tuple[torch.Tensor, int]:
+        path = self.features / self._names[i]
+        z = self._load_npy(path).astype(np.float32).reshape(self.channels, self.image_size, self.image_size)
         if not np.isfinite(z).all():
-            raise DatasetError(f"a fast-DiT feature file in {self.features} holds NaN or inf; re-extract it")
-        return torch.from_numpy(z.astype(np.float32)), self.labels_N[torch.tensor(idx, dtype=torch.long)]
+            raise DatasetError(f"fast-DiT feature file {path} holds NaN or inf; re-extract it")
+        return torch.from_numpy(z), int(self.labels_N[i])
+
+    @staticmethod
+    def collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([z for z, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)

@@ -162,7 +162,8 @@ class Trainer:
         self.precision_monitor = PrecisionMonitor(self.model, tc.bf16_monitor_every,
                                                   getattr(self.optimizer, "intended_value", None))
         self.objective = build_objective(cfg.objective)
-        self.batches = BatchStream(self.dataset, tc.batch_size, cfg.seed, tc.grad_accum, self.dist.rank, self.dist.world)
+        self.batches = BatchStream(self.dataset, tc.batch_size, cfg.seed, tc.grad_accum, self.dist.rank, self.dist.world,
+                                   workers=cfg.data.workers)
         self.start_step = self._load(latest) if latest is not None else 0
         self._first_bad: torch.Tensor | None = None  # first step with a non-finite loss, kept on the device
         self._aux_names_checked = False
@@ -224,6 +225,9 @@ class Trainer:
             if self.dist.is_main:
                 tqdm.write(f"note: resuming {path.name}: {inexact}")
         self.ema.updates = state.get("ema_updates", 0)
+        moved = self.batches.check_position(state.get("data_position"), state["step"])
+        if moved and self.dist.is_main:
+            tqdm.write(f"warning: resuming {path.name}: {moved}")
         saved = self._saved_config()
         self._check_same_codec(saved)
         self._note_older_aux_convention(saved)
@@ -271,7 +275,9 @@ class Trainer:
             return
         try:
             ckpt.save_checkpoint(self.ckpt_root, step, self.model, self.ema.model, self.optimizer,
-                                 to_dict(self.cfg.model), {"ema_updates": self.ema.updates}, self.cfg.train.keep_last,
+                                 to_dict(self.cfg.model), {"ema_updates": self.ema.updates,
+                                                           "data_position": self.batches.position(step)},
+                                 self.cfg.train.keep_last,
                                  rng_by_rank=rng_by_rank)
         except OSError as exc:
             raise TrainingError(f"checkpoint step {step} was not written: {describe_os_error(exc)}. "
