@@ -33,9 +33,9 @@ def run(args) -> int:
                                workers=args.workers, flip=not args.no_flip, dtype=args.dtype, device=args.device,
                                progress=not args.no_progress)
     summary = extract(cfg.data, cfg.codec, settings)
-    rate = f" ({summary['img_per_s']:.0f} img/s)" if summary["img_per_s"] else ""
-    print(f"done: {summary['count']} images in {summary['shards']} shards at {summary['store']}; encoded "
-          f"{summary['encoded_now']} now in {summary['wall_s']:.1f} s{rate}. Train on it with "
-          f"--set data.name=latents data.path={summary['store']}")
+    now = (f"encoded {summary['encoded_now']} now in {summary['wall_s']:.1f} s ({summary['img_per_s']:.0f} img/s)"
+           if summary["encoded_now"] else "every shard was already complete")
+    print(f"done: {summary['count']} images in {summary['shards']} shards at {summary['store']}; {now}. Train on "
+          f"it with --set data.name=latents data.path={summary['store']}")
     shutdown()
     return 0
