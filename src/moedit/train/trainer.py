@@ -139,22 +139,7 @@ class Trainer:
                 tqdm.write(f"warning: {warning}")
         latest = self._check_run_dir(resume, start_if_empty)
         torch.manual_seed(cfg.seed + self.dist.rank)
-        fmt = latent_format(cfg.data) if cfg.data.name == "latents" else None
-        store = read_header(Path(cfg.data.path).expanduser()) if fmt == "moedit" else None
-        if store is not None:
-            self._adopt_store_codec(store)
-        elif fmt is not None:
-            self._check_peer_codec(fmt)
-        self.codec = build_codec(cfg.codec).to(self.device)
-        cfg.codec.scale, cfg.codec.shift = (self.codec.scale, self.codec.shift) if cfg.codec.name != "identity" else (None, None)
-        if fmt is None:
-            self.dataset = build_dataset(cfg.data)
-            check_data_fits_model(cfg, self.dataset, self.codec)
-        else:  # latents already: the codec only decodes samples
-            if store is not None:
-                self._check_store_codec(store)
-            self.dataset = open_latents(cfg.data, self.codec.scale, self.codec.shift, cfg.codec.posterior)
-            check_data_fits_model(cfg, self.dataset)
+        self.codec, self.dataset = self._open_data()
         self.model = build_model(cfg.model).to(self.device)
         store_parameters(self.model, tc, self.amp_dtype)  # train.param_dtype (docs/PRECISION.md)
         self.ema = EMA(self.model, tc.ema_decay)
@@ -175,6 +160,28 @@ class Trainer:
             cfg, self.model, self.run_dir, self.start_step, is_main=self.dist.is_main,
             reduce_fn=all_reduce_sum if self.dist.enabled else None, log=tqdm.write)
 
+    def _open_data(self) -> tuple[Codec, object]:
+        """The codec and the training data: images (encoded by the codec each step) or latents already
+        encoded (a `moedit extract` store, or a peer's folder), which the codec only decodes for samples."""
+        cfg = self.cfg
+        fmt = latent_format(cfg.data) if cfg.data.name == "latents" else None
+        store = read_header(Path(cfg.data.path).expanduser()) if fmt == "moedit" else None
+        if store is not None:
+            self._adopt_store_codec(store)
+        elif fmt is not None:
+            self._check_peer_codec(fmt)
+        codec = build_codec(cfg.codec).to(self.device)
+        cfg.codec.scale, cfg.codec.shift = (codec.scale, codec.shift) if cfg.codec.name != "identity" else (None, None)
+        if fmt is None:
+            dataset = build_dataset(cfg.data)
+            check_data_fits_model(cfg, dataset, codec)
+            return codec, dataset
+        if store is not None:
+            self._check_store_codec(store, codec)
+        dataset = open_latents(cfg.data, codec.scale, codec.shift, cfg.codec.posterior)
+        check_data_fits_model(cfg, dataset)
+        return codec, dataset
+
     def _adopt_store_codec(self, store: dict) -> None:
         """A latent store names its codec: a config that names none (identity) takes it, so the run directory
         records the decoder its samples need."""
@@ -193,11 +200,11 @@ class Trainer:
             tqdm.write(f"note: {fmt} latents record no VAE; samples are decoded with codec.path={self.cfg.codec.path}, "
                        "which must be the VAE they were extracted with")
 
-    def _check_store_codec(self, store: dict) -> None:
-        if self.codec.identity() != store["codec_identity"]:
+    def _check_store_codec(self, store: dict, codec: Codec) -> None:
+        if codec.identity() != store["codec_identity"]:
             raise TrainingError(f"the latent store {self.cfg.data.path} was extracted with {store['codec']['describe']} "
-                                f"({store['codec_identity']}) but codec is {self.codec.describe()} "
-                                f"({self.codec.identity()}); its latents mean nothing to this decoder. Set codec.path "
+                                f"({store['codec_identity']}) but codec is {codec.describe()} "
+                                f"({codec.identity()}); its latents mean nothing to this decoder. Set codec.path "
                                 "to the store's autoencoder, or extract the data again with this codec")
 
     def _check_run_dir(self, resume: bool, start_if_empty: bool) -> Path | None:
