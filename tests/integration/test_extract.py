@@ -188,3 +188,14 @@ def test_two_ranks_write_the_same_store_as_one(imagenet_like, codec_dir, tmp_pat
         b = np.load(tmp_path / "one" / "shards" / f"{k:05d}.moments.npy")
         np.testing.assert_array_equal(a, b)
     assert json.loads((tmp_path / "two" / "index.json").read_text())["complete"]
+
+
+def test_a_store_is_scored_against_the_images_it_came_from(tmp_path):
+    """`moedit eval` of a run trained on a store compares its samples with the store's source data."""
+    from moedit.data import source_data
+
+    (tmp_path / "store.json").write_text(json.dumps({"format": "moedit-latents", "source": {
+        "name": "fashion_mnist", "path": None, "split": "train", "image_size": None, "crop": "center"}}))
+    source = source_data(DataConfig(name="latents", path=str(tmp_path), latent_format="moedit"))
+    assert (source.name, source.split) == ("fashion_mnist", "train")
+    assert source_data(DataConfig(name="mnist")).name == "mnist"
