@@ -52,7 +52,8 @@ def test_the_recipes_load_as_their_papers_presets():
 @pytest.mark.parametrize("name", NAMES)
 def test_extract_train_sample_with_each_recipe(store, tmp_path, name):
     run = tmp_path / name
-    common = [f"codec.path={store / 'sd-vae-ft-ema'}", "model.image_size=8", "model.depth=2", "sample.steps=2",
+    common = [f"codec.path={store / 'sd-vae-ft-ema'}", "model.image_size=8", "model.depth=2", "model.width=64",
+              "model.heads=2", "sample.steps=2",
               "sample.per_class=1", "train.device=cpu", "train.threads=1"]
     assert cli_main(["train", "-c", str(RECIPES / f"{name}.yaml"), "--no-progress", "--set", *common,
                      f"data.path={store / 'latents'}", "data.workers=1", "model.num_classes=2", "train.steps=2",
