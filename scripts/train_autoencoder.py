@@ -37,11 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, default=None, help="run folder (default runs/autoencoder_<dataset>)")
     p.add_argument("--out", type=Path, default=shipped_dir(), help="where the shipped files go")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the config's, 1)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     run = args.run or ROOT / "runs" / f"autoencoder_{args.dataset}"
     config = ROOT / "configs" / "autoencoder" / f"{args.dataset}.yaml"
     cli = ["autoencoder", "train", "-c", str(config), "--set", f"train.out_dir={run}"]
+    cli += [f"train.threads={args.threads}"] if args.threads else []
     cli += ["--resume"] * args.resume + ["--no-progress"] * args.no_progress
     t0 = time.perf_counter()
     if moedit(cli) != 0:
