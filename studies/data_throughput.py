@@ -7,7 +7,9 @@ runs/throughput/, then measures on this machine, each figure the best of 3 passe
 - in memory: `load_folder` reading the whole folder, then training batches of 64 from memory;
 - lazy: `LazyImageFolder` opened with no scan cache and with it, then training batches of 64 through
   train/batches.py's BatchStream with 0, 1 and 2 DataLoader workers (the training step's own reading);
-- extraction: `moedit extract` of the PNG folder with the shipped Fashion-MNIST autoencoder, 0/1/2 workers.
+- extraction: `moedit extract` of the PNG folder with the shipped Fashion-MNIST autoencoder, 0/1/2 workers;
+- indexing at ImageNet's scale: 1,000 class folders × 1,281 files (1,281,000, hard links to one JPEG, so
+  the folder costs directory entries only), opened by `LazyImageFolder` with no scan cache and with it.
 Writes studies/results/data_throughput.{json,md}.
 """
 
@@ -100,11 +102,36 @@ def extraction(root: Path) -> dict:
     return rates
 
 
+def imagenet_scale_index(classes: int = 1000, per_class: int = 1281) -> dict:
+    root = OUT / "imagenet_like" / "train"
+    if not (root.parent / ".complete").is_file():
+        shutil.rmtree(root.parent, ignore_errors=True)
+        root.mkdir(parents=True)
+        one = root.parent / "one.JPEG"
+        Image.new("RGB", (64, 48), (120, 80, 40)).save(one, quality=90)
+        for c in range(classes):
+            folder = root / f"n{c:08d}"
+            folder.mkdir()
+            for i in range(per_class):
+                os.link(one, folder / f"n{c:08d}_{i}.JPEG")
+        (root.parent / ".complete").write_text("")
+    cache = OUT / "cache_imagenet"
+    os.environ["MOEDIT_CACHE"] = str(cache)
+    shutil.rmtree(cache, ignore_errors=True)
+    t0 = time.perf_counter()
+    first = LazyImageFolder(root.parent, image_size=32)
+    first_s = time.perf_counter() - t0
+    cached_s = best(lambda: LazyImageFolder(root.parent, image_size=32))
+    return {"files": len(first), "classes": first.num_classes, "first_open_s": round(first_s, 2),
+            "cached_open_s": round(cached_s, 2)}
+
+
 def main() -> int:
     torch.set_num_threads(1)  # the DataLoader workers take the other core
     folders = write_folders()
     results = {fmt: measure(root) for fmt, root in folders.items()}
     results["extract_png_img_per_s"] = extraction(folders["png"])
+    results["imagenet_scale_index"] = imagenet_scale_index()
     results.update(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                    cpus=os.cpu_count(), threads=1, batch=BATCH, batches=BATCHES,
                    command="python studies/data_throughput.py")
@@ -127,7 +154,11 @@ def report(r: dict) -> str:
                      f"{m['lazy_first_open_s']} s | {m['lazy_cached_open_s']} s | {w[0]:,} | {w[1]:,} | {w[2]:,} |")
     e = r["extract_png_img_per_s"]
     lines += ["", f"`moedit extract` of the PNG folder (moedit:fashion_mnist, batch 256, both views): {e[0]:,} img/s "
-              f"with 0 workers, {e[1]:,} with 1, {e[2]:,} with 2.", "", f"Command: `{r['command']}`."]
+              f"with 0 workers, {e[1]:,} with 1, {e[2]:,} with 2."]
+    i = r["imagenet_scale_index"]
+    lines += ["", f"Indexing an ImageNet-sized folder ({i['files']:,} files in {i['classes']:,} class folders, hard "
+              f"links): {i['first_open_s']} s for the first scan, {i['cached_open_s']} s from the cached scan.", "",
+              f"Command: `{r['command']}`."]
     return "\n".join(lines) + "\n"
 
 

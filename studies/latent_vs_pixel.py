@@ -7,8 +7,9 @@ at equal training time, scored on decoded images (docs/LATENT.md, "Measured").
 1. `moedit extract` encodes the training split with `moedit:<dataset>` into runs/latents/<dataset> (once;
    the extraction's images/s is recorded).
 2. Two runs train at the same time, one thread each: configs/quickstart.yaml (pixels, 1,500 steps) and
-   configs/latent_quickstart.yaml (the same model on 4×7×7 latents read from the store), the latter with a
-   checkpoint every 100 steps and more steps than it needs.
+   configs/latent_quickstart.yaml (the same model on the 7×7 latents read from the store: 4 channels for
+   MNIST, 8 for Fashion-MNIST, so only the patch embedding and the output layer differ), the latter with a
+   checkpoint every 100 steps and more steps than it needs; it is stopped when the pixel run ends.
 3. The pixel run's training time T decides: the latent run is evaluated at its last checkpoint reached
    within T (its metrics.jsonl logs the elapsed time of every step), so both had the same wall-clock.
 4. `moedit eval --n 1000` of both (EMA weights, the quickstart's sampler): FD-LeNet, KID, precision/recall
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -60,14 +62,29 @@ def extract(dataset: str, store: Path) -> dict:
             "command_wall_s": round(time.perf_counter() - t0, 1)}
 
 
+def latent_channels(dataset: str) -> int:
+    from moedit.codecs.autoencoder import autoencoder_files, read_record
+
+    return int(read_record(autoencoder_files(f"moedit:{dataset}")[1])["spec"]["latent_channels"])
+
+
 def train_both(dataset: str, out: Path, store: Path) -> None:
+    """Both runs at once; the latent one is stopped (SIGINT: its checkpoints are kept) when the pixel one
+    ends, since only what it reached within the pixel run's time is evaluated. A rerun after both are done
+    trains nothing."""
+    if (out / "pixel" / "summary.json").is_file() and (out / "latent" / "metrics.jsonl").is_file():
+        return
     common = ["--resume-or-start", "--no-progress", "--set", "train.threads=1", f"data.name={dataset}"]
     pixel = run([*MOEDIT, "train", "-c", "configs/quickstart.yaml", *common, f"train.out_dir={out / 'pixel'}",
                  f"train.steps={PIXEL_STEPS}"])
     latent = run([*MOEDIT, "train", "-c", "configs/latent_quickstart.yaml", *common[:-1], "data.name=latents",
-                  f"data.path={store}", f"codec.path=moedit:{dataset}", f"train.out_dir={out / 'latent'}",
+                  f"data.path={store}", f"codec.path=moedit:{dataset}", f"model.in_channels={latent_channels(dataset)}",
+                  f"train.out_dir={out / 'latent'}",
                   f"train.steps={LATENT_STEPS}", "train.ckpt_every=100", "train.keep_last=100"])
-    wait(pixel, latent)
+    wait(pixel)
+    latent.send_signal(signal.SIGINT)
+    if latent.wait() not in (0, 130):  # 130: interrupted as asked, checkpoints kept
+        raise SystemExit(f"the latent run failed (exit {latent.returncode}); see its output above")
 
 
 def steps_within(run_dir: Path, seconds: float) -> int:
