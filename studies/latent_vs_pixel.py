@@ -56,7 +56,7 @@ def extract(dataset: str, store: Path) -> dict:
     wait(run([*MOEDIT, "extract", "-c", "configs/latent_quickstart.yaml", "--out", str(store), "--workers", "1",
               "--no-progress", "--set", f"data.name={dataset}", "data.path=", f"codec.path=moedit:{dataset}",
               "train.threads=1"]))
-    index = json.loads((store / "index.json").read_text())
+    index = json.loads((store / "index.json").read_text())  # the run that encoded the store says its speed
     return {"images": index["count"], "encoded_now": index["encoded_now"], "wall_s": round(index["wall_s"], 1),
             "img_per_s": round(index["img_per_s"], 1) if index["img_per_s"] else None,
             "command_wall_s": round(time.perf_counter() - t0, 1)}
@@ -69,7 +69,7 @@ def latent_channels(dataset: str) -> int:
 
 
 def train_both(dataset: str, out: Path, store: Path) -> None:
-    """Both runs at once; the latent one is stopped (SIGINT: its checkpoints are kept) when the pixel one
+    """Both runs at once; the latent one is stopped (its checkpoints are kept) when the pixel one
     ends, since only what it reached within the pixel run's time is evaluated. A rerun after both are done
     trains nothing."""
     if (out / "pixel" / "summary.json").is_file() and (out / "latent" / "metrics.jsonl").is_file():
@@ -82,8 +82,9 @@ def train_both(dataset: str, out: Path, store: Path) -> None:
                   f"train.out_dir={out / 'latent'}",
                   f"train.steps={LATENT_STEPS}", "train.ckpt_every=100", "train.keep_last=100"])
     wait(pixel)
-    latent.send_signal(signal.SIGINT)
-    if latent.wait() not in (0, 130):  # 130: interrupted as asked, checkpoints kept
+    latent.terminate()  # SIGTERM (SIGINT is ignored by processes started in the background); its
+    # checkpoints are complete directories or none (checkpoints are published atomically)
+    if latent.wait() not in (0, -signal.SIGTERM):
         raise SystemExit(f"the latent run failed (exit {latent.returncode}); see its output above")
 
 

@@ -178,5 +178,6 @@ def _extract(data, codec_cfg, s, store, device, info) -> dict:
         if missing:
             raise DatasetError(f"{len(missing)} shards of {store} are still missing (first {missing[:3]}); run the "
                                "same command again to finish them")
-        atomic_write_text(store / "index.json", json.dumps({**header, "complete": True, **summary}, indent=1))
+        if summary["encoded_now"] or not (store / "index.json").is_file():  # a no-op rerun keeps the first's figures
+            atomic_write_text(store / "index.json", json.dumps({**header, "complete": True, **summary}, indent=1))
     return summary
