@@ -9,8 +9,8 @@ runs/throughput/, then measures on this machine, each figure the best of 3 passe
   train/batches.py's BatchStream with 0, 1 and 2 DataLoader workers (the training step's own reading);
 - extraction: `moedit extract` of the PNG folder with the shipped Fashion-MNIST autoencoder, 0/1/2 workers
   (one pass each);
-- indexing at ImageNet's scale: 1,000 class folders × 1,281 files (1,281,000, hard links to one JPEG, so
-  the folder costs directory entries only), opened by `LazyImageFolder` with no scan cache and with it.
+- indexing at ImageNet's scale: 1,000 class folders × 1,281 files (1,281,000 hard links
+  to 32 JPEGs, so the folder costs directory entries only), opened by `LazyImageFolder` with no scan cache and with it.
 Writes studies/results/data_throughput.{json,md}.
 """
 
@@ -70,6 +70,7 @@ def batches_per_s(dataset, workers: int) -> float:
         stream = BatchStream(dataset, BATCH, seed=0, workers=workers)
         for step in range(BATCHES):
             stream.get(step)
+        stream.close()
     return BATCH * BATCHES / best(read)
 
 
@@ -110,13 +111,15 @@ def imagenet_scale_index(classes: int = 1000, per_class: int = 1281) -> dict:
     if not (root.parent / ".complete").is_file():
         shutil.rmtree(root.parent, ignore_errors=True)
         root.mkdir(parents=True)
-        one = root.parent / "one.JPEG"
-        Image.new("RGB", (64, 48), (120, 80, 40)).save(one, quality=90)
+        sources = []  # ext4 allows 65,000 links to one file: spread them over 32 files
+        for k in range(32):
+            sources.append(root.parent / f"source_{k}.JPEG")
+            Image.new("RGB", (64, 48), (120 + k, 80, 40)).save(sources[-1], quality=90)
         for c in range(classes):
             folder = root / f"n{c:08d}"
             folder.mkdir()
             for i in range(per_class):
-                os.link(one, folder / f"n{c:08d}_{i}.JPEG")
+                os.link(sources[(c * per_class + i) % len(sources)], folder / f"n{c:08d}_{i}.JPEG")
         (root.parent / ".complete").write_text("")
     cache = OUT / "cache_imagenet"
     os.environ["MOEDIT_CACHE"] = str(cache)

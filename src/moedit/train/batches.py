@@ -52,9 +52,17 @@ class BatchStream:
         if not self.workers:
             return self.dataset.batch(self.indices(step, micro))
         if self._loader is None or (step, micro) != self._next:  # first call, or a jump: restart the workers there
+            self.close()
             self._loader = iter(self._data_loader(step, micro))
         self._next = (step, micro + 1) if micro + 1 < self.grad_accum else (step + 1, 0)
         return self.dataset.collate(next(self._loader))
+
+    def close(self) -> None:
+        """Stop the workers now (not when the iterator is collected: a process forked meanwhile would
+        inherit it and try to stop workers that are not its children)."""
+        loader, self._loader = self._loader, None
+        if loader is not None and hasattr(loader, "_shutdown_workers"):
+            loader._shutdown_workers()
 
     def _data_loader(self, step: int, micro: int) -> torch.utils.data.DataLoader:
         stream = self

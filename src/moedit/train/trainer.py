@@ -444,6 +444,7 @@ class Trainer:
             if due[1]:
                 self.save(done)
         bar.close()
+        self.batches.close()  # the data workers, if any, before sampling and the last checkpoint
         wall = time.perf_counter() - t0
         self.routing_monitor.close()  # last record, RUN/routing/summary.json, findings printed
         if self.start_step < tc.steps:  # a finished run resumed with nothing to do keeps its checkpoint
