@@ -1,8 +1,9 @@
-"""Datasets as in-memory uint8 tensors; `build_dataset(cfg.data)` is the one entry point.
+"""Datasets: `build_dataset(cfg.data)` for images, `open_latents(...)` for data.name=latents.
 
 Sources and licences are listed in docs/EVALUATION.md ("Data that works offline"): nothing is downloaded
-at run time. Every loader returns an `ImageDataset`; `ImageDataset.batch` gives model inputs in
-[-1, 1] and `to_uint8` maps samples back.
+at run time. The image loaders return an in-memory `ImageDataset` (a folder with data.lazy: a
+`LazyImageFolder` read per image); `.batch` gives model inputs in [-1, 1] and `to_uint8` maps samples
+back. Latents (a `moedit extract` store or a peer's files, docs/LATENT.md) come already in the model's space.
 """
 
 from __future__ import annotations

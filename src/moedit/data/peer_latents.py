@@ -141,10 +141,12 @@ class FastDiTLatents(_LatentFiles):
         """Sorted names and every label, read once (1.28M small files) and cached by the folders' mtimes."""
         key = f"{self.root.resolve()}|{self.features.stat().st_mtime_ns}|{labels_dir.stat().st_mtime_ns}"
         cache = default_cache_dir() / "folder_scans" / f"fast_dit_{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
-        if cache.is_file():
-            cached = json.loads(cache.read_text())
-            if cached.get("key") == key:
-                return cached["names"], np.asarray(cached["labels"], dtype=np.int64)
+        try:
+            cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        except (OSError, json.JSONDecodeError):  # a damaged cache costs a rescan, nothing else
+            cached = {}
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return cached["names"], np.asarray(cached["labels"], dtype=np.int64)
         names = sorted(p.name for p in self.features.iterdir() if p.suffix == ".npy")
         if not names or names != sorted(p.name for p in labels_dir.iterdir() if p.suffix == ".npy"):
             raise DatasetError(f"{self.features} and {labels_dir} must hold the same <i>.npy names (one feature and "
