@@ -56,7 +56,9 @@ def test_fast_dit_latents_are_used_as_stored_and_paired_by_name(tmp_path):
     z, y = data.batch([2, 4])  # sorted names: index 2 is 10.npy, index 4 is 2.npy
     torch.testing.assert_close(z[0], torch.from_numpy(np.load(root / "imagenet256_features" / "10.npy")[0]))
     assert y.tolist() == [10 % 3, 2 % 3]
-    for cache in (tmp_path / "cache" / "folder_scans").glob("fast_dit_*.json"):
+    caches = list((tmp_path / "cache" / "folder_scans").glob("fast_dit_*.json"))
+    assert caches  # the first open cached its index
+    for cache in caches:
         cache.write_text("{damaged")  # a cut cache file is rescanned, not a traceback
     assert len(open_latents(DataConfig(name="latents", path=str(root)), scale=0.18215, shift=0.0)) == 12
     with pytest.raises(DatasetError, match="multiplied by 0.18215.*codec.scale=0.18215"):
