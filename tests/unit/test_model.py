@@ -353,3 +353,30 @@ def test_sincos_positions_are_added_and_rope_adds_none() -> None:
         patches = m(x, t, y).unfold(2, 4, 4).unfold(3, 4, 4).reshape(16, -1)
         spread = (patches - patches[:1]).abs().max().item()
         assert (spread > 1e-4) == distinct, (pos_embed, spread)
+
+
+@pytest.mark.parametrize("tokens", [1, 49, 128])
+def test_cpu_explicit_attention_matches_sdpa(tokens: int) -> None:
+    """The CPU short-sequence path (two matmuls and a softmax) is SDPA's math: forward and gradients."""
+    import torch.nn.functional as F
+
+    from moedit.models.dit import CPU_EXPLICIT_ATTENTION_MAX_TOKENS, attention
+
+    assert tokens <= CPU_EXPLICIT_ATTENTION_MAX_TOKENS
+    torch.manual_seed(tokens)
+    qkv = [torch.randn(3, 2, tokens, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    grad_out = torch.randn(3, 2, tokens, 8, dtype=torch.float64)
+    ours = torch.autograd.grad(attention(*qkv), qkv, grad_out)
+    reference = torch.autograd.grad(F.scaled_dot_product_attention(*qkv), qkv, grad_out)
+    torch.testing.assert_close(attention(*qkv), F.scaled_dot_product_attention(*qkv))
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_modulate_and_gated_residual_are_the_adaln_formulas() -> None:
+    from moedit.models.dit import gated_residual, modulate
+
+    x, h = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    shift, scale, gate = torch.randn(3, 2, 4).unbind(0)
+    torch.testing.assert_close(modulate(x, shift, scale), x * (1 + scale[:, None]) + shift[:, None])
+    torch.testing.assert_close(gated_residual(x, gate, h), x + gate[:, None] * h)
