@@ -62,8 +62,18 @@ def test_unequal_activated_parameters_are_refused_with_the_fix(tmp_path):
     activated_table(*load_zoo_file(loose))  # the gap is the zoo file's to choose
 
 
+def test_a_zoo_wide_set_reaches_every_entry_before_its_own(tmp_path):
+    path = _zoo_file(tmp_path, "set: [train.lr=1e-3, train.warmup_steps=7]\nentries:\n  a: base.yaml\n"
+                               "  b: {config: base.yaml, set: [train.lr=5e-4]}\n")
+    runs = plan_runs(load_zoo_file(path)[0], ["mnist"], [0], tmp_path / "zoo")
+    cfg = {r.entry.name: run_config(r, ZooSettings(steps=30, curve_points=3)) for r in runs}
+    assert (cfg["a"].train.lr, cfg["b"].train.lr) == (1e-3, 5e-4)
+    assert cfg["a"].train.warmup_steps == cfg["b"].train.warmup_steps == 7
+
+
 @pytest.mark.parametrize("text, match", [
     ("entries: {}\n", "must hold `entries:`"),
+    ("set: train.lr=1e-3\nentries:\n  a: base.yaml\n", "top-level `set:` must be a list"),
     ("entries:\n  a: {config: base.yaml}\nsteps: 3\n", "found keys"),
     ("entries:\n  a: {config: base.yaml, sett: []}\n", "entry 'a' must be"),
     ("entries:\n  a: {config: missing.yaml}\n", "not a file"),

@@ -74,15 +74,19 @@ class ZooRun:
 
 
 def load_zoo_file(path: str | Path) -> tuple[list[ZooEntry], float]:
-    """The entries of a zoo file (config paths resolved against its folder) and its max_param_gap."""
+    """The entries of a zoo file (config paths resolved against its folder) and its max_param_gap. A
+    top-level `set:` applies to every entry, before the entry's own `set:` (which may override it)."""
     path = Path(path)
     if not path.is_file():
         raise ZooError(f"zoo file {path} does not exist; the shipped one is configs/zoo/routers.yaml")
     data = yaml.safe_load(path.read_text()) or {}
-    unknown = set(data) - {"entries", "max_param_gap", "claims"}
+    unknown = set(data) - {"entries", "max_param_gap", "claims", "set"}
     if unknown or not isinstance(data.get("entries"), dict) or not data["entries"]:
         raise ZooError(f"{path} must hold `entries:` (name: {{config: FILE, set: [KEY=VALUE ...]}}) and "
-                       f"optionally `max_param_gap:`; found keys {sorted(data)}")
+                       f"optionally `max_param_gap:`, `set:` and `claims:`; found keys {sorted(data)}")
+    common = data.get("set") or []
+    if not isinstance(common, list):
+        raise ZooError(f"{path}: the top-level `set:` must be a list of KEY=VALUE overrides, got {common!r}")
     entries = []
     for name, spec in data["entries"].items():
         spec = {"config": spec} if isinstance(spec, str) else spec
@@ -91,7 +95,7 @@ def load_zoo_file(path: str | Path) -> tuple[list[ZooEntry], float]:
         config = (path.parent / spec["config"]).resolve()
         if not config.is_file():
             raise ZooError(f"{path}: entry {name!r} names {spec['config']}, which is not a file next to the zoo file")
-        entries.append(ZooEntry(str(name), config, tuple(str(s) for s in spec.get("set") or ())))
+        entries.append(ZooEntry(str(name), config, tuple(str(s) for s in [*common, *(spec.get("set") or ())])))
     return entries, float(data.get("max_param_gap", 0.02))
 
 
