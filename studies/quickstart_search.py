@@ -3,7 +3,7 @@
     PYTHONPATH=src python studies/quickstart_search.py NAME="KEY=VALUE KEY=VALUE" [NAME=...] [--threads 1]
         [--evals "KEY=VALUE ..." ...]
 
-Each trial is `configs/quickstart.yaml` with the given overrides, trained into runs/qs_search/NAME
+Each trial is `--config` (default configs/quickstart.yaml) with the given overrides, trained into runs/qs_search/NAME
 (`moedit train --resume-or-start`: a finished trial is not trained again) and scored by
 `moedit eval RUN --n 1000` (EMA weights, the run's sampler unless `--evals` names sampler overrides;
 each `--evals` string is one more evaluation of every trial, e.g. "sample.cfg_scale=3"). Trials given
@@ -42,8 +42,8 @@ def wait_all(procs: dict[str, subprocess.Popen]) -> None:
         sys.exit(f"failed: {failed}; see runs/qs_search/<name>.log")
 
 
-def train(trials: dict[str, str], threads: int) -> None:
-    procs = {name: launch(["train", "-c", "configs/quickstart.yaml", "--resume-or-start", "--no-progress", "--set",
+def train(trials: dict[str, str], threads: int, config: str) -> None:
+    procs = {name: launch(["train", "-c", config, "--resume-or-start", "--no-progress", "--set",
                            f"train.out_dir={RUNS / name}", f"train.threads={threads}", *sets.split()],
                           RUNS / f"{name}.log")
              for name, sets in trials.items() if not (RUNS / name / "summary.json").is_file()}  # finished
@@ -102,12 +102,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trials", nargs="+", help='NAME="KEY=VALUE ..." (an empty value: the config as it is)')
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--config", default="configs/quickstart.yaml",
+                        help="the base config (the search of docs/QUICKSTART.md started from the quickstart of c032342)")
     parser.add_argument("--evals", nargs="*", default=[], help="sampler overrides of extra evaluations")
     args = parser.parse_args()
     trials = dict(t.split("=", 1) if "=" in t else (t, "") for t in args.trials)
     evals = ["", *args.evals]
     RUNS.mkdir(parents=True, exist_ok=True)
-    train(trials, args.threads)
+    train(trials, args.threads, args.config)
     evaluate(trials, evals, args.threads)
     write_table(record(trials, evals))
     print(RESULTS.with_suffix(".md").read_text())

@@ -44,6 +44,7 @@ def test_shipped_entries_set_what_their_names_say(tmp_path):
     for c in cfg.values():  # the zoo's shared settings reach every run
         assert (c.data.name, c.seed, c.train.steps, c.train.ckpt_every, c.train.keep_last) == ("fashion_mnist", 3, 30, 10, 3)
         assert c.sample.steps == settings.sampler_steps and c.sample.cfg_scale == settings.cfg_scale
+        assert (c.train.lr, c.train.betas) == (2e-3, [0.9, 0.999])  # the recipe the zoo was measured with
 
 
 def _zoo_file(tmp_path, text: str) -> Path:
