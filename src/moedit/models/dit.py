@@ -22,8 +22,8 @@ from moedit.moe.routing import RoutingContext
 
 
 # On CPU, attention over at most this many tokens runs as two plain matmuls and a softmax: at these
-# lengths that is 1.3-2x faster than SDPA's flash kernel in training (49 tokens: 6.9 vs 10.7 ms forward +
-# backward, batch 64, 4 heads of 32; docs/QUICKSTART.md); from ~200 tokens on the flash kernel wins.
+# lengths that is 1.4-3x faster than SDPA in training (49 tokens: 5.0 vs 6.9 ms forward + backward, batch 64,
+# 4 heads of 32; studies/quickstart_kernels.py, docs/QUICKSTART.md); from ~200 tokens on SDPA wins.
 CPU_EXPLICIT_ATTENTION_MAX_TOKENS = 128
 
 
