@@ -262,6 +262,17 @@ class DiagnosticsConfig:
 
 
 @dataclass(kw_only=True)
+class ParallelConfig:
+    """How training spreads over the processes `torchrun` starts (docs/SCALING.md). One process: ignored
+    except for activation checkpointing."""
+
+    data: str = "ddp"  # ddp = every rank holds the whole model | fsdp = FSDP2 fully_shard per block and at the root
+    ep: int = 1  # expert-parallel degree: each MoE layer's routed experts split over this many ranks (needs fsdp)
+    activation_checkpointing: str = "none"  # none | full (every block) | moe_only (the MoE feed-forward only)
+    timeout_s: float = 600.0  # a collective waiting longer than this ends the run (a rank died or hangs)
+
+
+@dataclass(kw_only=True)
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -271,6 +282,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # ----------------------------------------------------------------------------- dict <-> dataclass
@@ -534,6 +546,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.name=latents needs data.path: the folder `moedit extract --out` wrote")
     _validate_diagnostics(cfg.diagnostics)
     _validate_codec(cfg.codec)
+    _validate_parallel(cfg)
+
+
+def _validate_parallel(cfg: Config) -> None:
+    """What can be checked before the world size is known; the rest (ep divides the world size) is checked
+    where the mesh is built (distributed/mesh.py)."""
+    p = cfg.parallel
+    _choice(p.data, ("ddp", "fsdp"), "parallel.data")
+    _choice(p.activation_checkpointing, ("none", "full", "moe_only"), "parallel.activation_checkpointing")
+    _at_least(p, "parallel", ("ep",), 1, " (1 = no expert parallelism)")
+    _positive(p, "parallel", ("timeout_s",))
+    if p.ep > 1 and p.data != "fsdp":
+        raise ConfigError(f"parallel.ep={p.ep} splits the experts over ranks, which needs sharded data parallelism: "
+                          "set parallel.data=fsdp (ddp replicates every parameter on every rank)")
+    if p.ep > 1 and cfg.model.moe is None:
+        raise ConfigError(f"parallel.ep={p.ep}: the model has no MoE layer to split; set parallel.ep=1")
+    if p.activation_checkpointing == "moe_only" and cfg.model.moe is None:
+        raise ConfigError("parallel.activation_checkpointing=moe_only: the model has no MoE layer; use full or none")
+    if p.data == "fsdp" and cfg.train.param_dtype != "fp32":
+        raise ConfigError("parallel.data=fsdp keeps float32 sharded weights and computes in bf16 through its "
+                          "mixed-precision policy; train.param_dtype=bf16 storage is for ddp. Set "
+                          "train.param_dtype=fp32 (or parallel.data=ddp)")
+    if p.data == "fsdp" and cfg.model.moe is not None and cfg.model.moe.expert_layout == "col":
+        raise ConfigError("parallel.data=fsdp needs contiguous parameters, but model.moe.expert_layout=col stores "
+                          "each expert's matrices column-major; set model.moe.expert_layout=row (checkpoints are "
+                          "the same in either layout)")
 
 
 def _validate_codec(c: CodecConfig) -> None:

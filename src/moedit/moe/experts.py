@@ -91,8 +91,13 @@ class StackedExperts(nn.Module):
             nn.init.zeros_(self.b2_ED)
 
     def _weights(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The matrices this process computes with. Under expert parallelism (distributed/expert_parallel.py)
+        each stacked parameter is a DTensor split along the expert axis: the local experts are its local
+        part (`to_local`, differentiable), and the rows given to the products below are the ones routed
+        to those experts. Duck-typed, so that moe/ stays free of torch.distributed."""
         names = ("w1_EDH", "w2_EHD") + (("wu_EDH",) if self.kind == "swiglu" else ("b1_EH", "b2_ED"))
-        return [getattr(self, n).to(dtype) for n in names]
+        tensors = [getattr(self, n) for n in names]
+        return [(t.to_local() if hasattr(t, "to_local") else t).to(dtype) for t in tensors]
 
     def per_expert(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
         """Each expert's matrices as views. One unbind per stacked tensor: indexing w[e] per expert

@@ -3,7 +3,12 @@
     y_i = Σ_{(i,e,w) ∈ routing} w · Expert_e(x_i) + Σ_s Shared_s(x_i)
 
 The layer keeps the last `Routing` it produced (`last_routing`) so the trainer can read the named
-auxiliary losses and the diagnostics can read loads and scores without a second forward.
+auxiliary losses and the diagnostics can read loads and scores without a second forward; a forward
+replayed by activation checkpointing (moe/replay.py) leaves it as the first forward set it.
+
+`dispatch_fn` executes the routing: `moe.dispatch.dispatch` on one process; expert parallelism
+(distributed/expert_parallel.py) replaces it with an exchange of rows between the ranks that hold the
+experts, behind the same call.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from torch import nn
 from moedit.config import MoEConfig
 from moedit.moe.dispatch import dispatch
 from moedit.moe.experts import StackedExperts
+from moedit.moe.replay import replaying
 from moedit.moe.routers import build_router, extra_experts
 from moedit.moe.routing import Routing, RoutingContext
 
@@ -37,13 +43,15 @@ class MoELayer(nn.Module):
             self.shared = StackedExperts(cfg.num_shared, width, expert_hidden(width, shared_ratio), ffn_kind,
                                           cfg.expert_layout)
         self.last_routing: Routing | None = None
+        self.dispatch_fn = dispatch
 
     def forward(self, x_BLD: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         B, L, D = x_BLD.shape
         x_ND = x_BLD.reshape(B * L, D)
         routing = self.router(x_ND, ctx)
-        y_ND = dispatch(x_ND, routing, self.experts, self.cfg.backend)
+        y_ND = self.dispatch_fn(x_ND, routing, self.experts, self.cfg.backend)
         if self.shared is not None:
             y_ND = y_ND + self.shared.forward_all(x_ND).to(y_ND.dtype)
-        self.last_routing = routing
+        if not replaying():
+            self.last_routing = routing
         return y_ND.view(B, L, D)

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from moedit.moe.replay import replaying
+
 
 class StepThreshold(nn.Module):
     def __init__(self, size: int, decay: float, initial: float = 0.0, first: str = "take"):
@@ -36,6 +38,8 @@ class StepThreshold(nn.Module):
 
     @torch.no_grad()
     def observe(self, batch_value_X: torch.Tensor) -> None:
+        if replaying():  # activation checkpointing's second forward: observed once already (moe/replay.py)
+            return
         self.step_sum_X += batch_value_X.detach().float().reshape(self.step_sum_X.shape)
         self.step_count += 1
         self._observed += 1

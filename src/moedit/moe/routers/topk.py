@@ -37,6 +37,7 @@ from moedit.config import MoEConfig, RouterConfig
 from moedit.moe.gates import Gate, score
 from moedit.moe.losses import router_z_loss, switch_balance
 from moedit.moe.routers.base import Router
+from moedit.moe.replay import replaying
 from moedit.moe.routing import Routing, RoutingContext, count_ids
 
 
@@ -91,7 +92,7 @@ class TopKRouter(Router):
         weight_NK = weight_NK * self.cfg.scale
         expert_M = expert_NK.reshape(-1)
         load_E = count_ids(expert_M, E)
-        if self.cfg.selection_bias and self.training:
+        if self.cfg.selection_bias and self.training and not replaying():  # counted once per forward
             self.step_load_E += load_E.to(self.step_load_E.dtype)
         return Routing(
             token_M=torch.arange(N, device=x_ND.device).repeat_interleave(k),
