@@ -57,13 +57,14 @@ def score_entropy(scores_NE: torch.Tensor, kind: str) -> torch.Tensor:
 
 @torch.no_grad()
 def expert_cosine(experts: StackedExperts, x_PD: torch.Tensor) -> torch.Tensor:
-    """Mean over expert pairs e ≠ f and the P probe tokens of cos(Expert_e(x), Expert_f(x)), in float32."""
+    """Mean over expert pairs e ≠ f and the P probe tokens of cos(Expert_e(x), Expert_f(x)), in float32.
+    Sharded experts (FSDP2, expert parallelism) are gathered whole first, on every rank."""
     E, P = experts.num_experts, x_PD.shape[0]
     if E < 2 or P == 0:
         return torch.ones((), device=x_PD.device)
     x_PD = x_PD.float()
     y_EPD = torch.stack([F.normalize(StackedExperts.apply(experts.kind, w, x_PD), dim=-1)
-                         for w in experts.per_expert(torch.float32)])
+                         for w in experts.per_expert(torch.float32, full=True)])
     cos_EE = torch.einsum("epd,fpd->ef", y_EPD, y_EPD) / P
     return (cos_EE.sum() - cos_EE.diagonal().sum()) / (E * (E - 1))
 

@@ -7,10 +7,13 @@ backward and reduce-scatters their gradients):
 
 - `blocks.<i>.moe.router`  over `dp`, float32 parameters whatever the compute dtype (the routers'
   scores decide discrete choices: the bf16 trap, docs/PRECISION.md);
-- `blocks.<i>.moe.experts` under ep > 1 over `efsdp`, the local experts only (dim 0, or dim 1 when a
-  rank holds fewer experts than there are efsdp ranks, as torchtitan does);
+- `blocks.<i>.moe.experts` under ep > 1 over `efsdp`, the local experts only;
 - `blocks.<i>`              over `dp`: attention, adaLN, norms, shared experts (and the experts when ep = 1);
 - the root                  over `dp`: embeddings, positional table, final layer.
+
+Every unit shards a parameter along dim 0, or along its largest dimension where dim 0 has fewer rows
+than the group has ranks (`shard_dim`: a shared expert's (1, D, H), a rank's few local experts), so no
+rank holds whole tensors while others hold padding.
 
 Gradients: FSDP2 averages over its group. Under ep > 1 an expert's gradient arrives already summed
 over the ep group by the all-to-all's backward, so averaging it over the efsdp group alone would leave
@@ -22,6 +25,9 @@ reduction, float32 routers; on CPU everything stays float32.
 """
 
 from __future__ import annotations
+
+import logging
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -51,26 +57,46 @@ def mixed_precision(amp_dtype: torch.dtype | None, device_type: str) -> tuple[Mi
             MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
 
 
-def _expert_placement(efsdp: int):
+def shard_dim(shape: tuple[int, ...], group: int) -> int:
+    """The dimension FSDP2 shards a parameter of this (local) shape along over `group` ranks: dim 0, unless
+    it has fewer rows than ranks (one shared expert's (1, D, H), a rank's few local experts), where dim 0
+    would put whole rows on the first ranks and padding on the rest; then the largest dimension."""
+    if len(shape) == 0 or shape[0] >= group:
+        return 0
+    return max(range(len(shape)), key=lambda d: (shape[d], -d))
+
+
+def _placement(group: int):
     def placement(param: nn.Parameter) -> Shard:
-        local_experts = param.to_local().shape[0] if hasattr(param, "to_local") else param.shape[0]
-        return Shard(0) if local_experts >= efsdp else Shard(1)
+        local = param.to_local() if hasattr(param, "to_local") else param
+        return Shard(shard_dim(tuple(local.shape), group))
 
     return placement
 
 
+def _quiet_known_warnings() -> None:
+    """Two messages that do not apply here and would repeat in every run's log: FSDP2 warns when a unit
+    returns views (a router's Routing holds some) because an in-place op on them would skip its hook —
+    nothing modifies a Routing in place; DTensor logs that gathering an expert tensor sharded on two mesh
+    dimensions takes two all-gathers — which it does, only for samples, probes and exports."""
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+
+
 def apply_fsdp(model: nn.Module, meshes: Meshes, amp_dtype: torch.dtype | None, device_type: str) -> None:
+    _quiet_known_warnings()
     policy, router_policy = mixed_precision(amp_dtype, device_type)
+    dense = _placement(meshes.world)
     for block in model.blocks:
         if block.moe is not None:
-            fully_shard(block.moe.router, mesh=meshes.dense, mp_policy=router_policy)
+            fully_shard(block.moe.router, mesh=meshes.dense, mp_policy=router_policy, shard_placement_fn=dense)
             if meshes.ep > 1:
                 experts = fully_shard(block.moe.experts, mesh=meshes.efsdp_mesh, mp_policy=policy,
-                                      shard_placement_fn=_expert_placement(meshes.efsdp_mesh.size()))
+                                      shard_placement_fn=_placement(meshes.efsdp_mesh.size()))
                 experts.set_gradient_divide_factor(float(meshes.world))
                 experts.set_force_sum_reduction_for_comms(True)
-        fully_shard(block, mesh=meshes.dense, mp_policy=policy)
-    fully_shard(model, mesh=meshes.dense, mp_policy=policy)
+        fully_shard(block, mesh=meshes.dense, mp_policy=policy, shard_placement_fn=dense)
+    fully_shard(model, mesh=meshes.dense, mp_policy=policy, shard_placement_fn=dense)
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, meshes: Meshes | None, amp_dtype: torch.dtype | None,

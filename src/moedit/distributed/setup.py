@@ -1,12 +1,16 @@
-"""Data-parallel set-up under torchrun: one process per device, DDP around the built model.
+"""Data-parallel set-up under torchrun: one process per device, DDP around the built model (FSDP2 and
+expert parallelism: distributed/parallelize.py).
 
 Launched by plain `python`/`moedit`, nothing here does anything (world size 1). Under
 `torchrun --nproc_per_node=N moedit train ...` each process joins the group (NCCL on CUDA, gloo on
 CPU), trains on its own shard of every step's batches, and rank 0 alone writes the run directory.
+Every collective waits at most parallel.timeout_s: a rank that died or hangs ends the others with
+an error instead of a silent wait (torchrun, seeing one process fail, also stops the rest).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -30,12 +34,13 @@ class DistInfo:
         return self.world > 1
 
 
-def init_distributed(device_type: str) -> DistInfo:
+def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     info = DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
@@ -92,6 +97,19 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def is_main_rank() -> bool:
+    return not _active() or dist.get_rank() == 0
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` (picklable) on every rank; world size 1: `obj`."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_ranks_agree(ok: bool, device: torch.device) -> bool:

@@ -90,19 +90,23 @@ class StackedExperts(nn.Module):
             nn.init.zeros_(self.b1_EH)
             nn.init.zeros_(self.b2_ED)
 
-    def _weights(self, dtype: torch.dtype) -> list[torch.Tensor]:
+    def _weights(self, dtype: torch.dtype, full: bool = False) -> list[torch.Tensor]:
         """The matrices this process computes with. Under expert parallelism (distributed/expert_parallel.py)
         each stacked parameter is a DTensor split along the expert axis: the local experts are its local
         part (`to_local`, differentiable), and the rows given to the products below are the ones routed
-        to those experts. Duck-typed, so that moe/ stays free of torch.distributed."""
+        to those experts. `full`: every expert instead (`full_tensor`, a collective every rank of the
+        mesh must join), for diagnostics outside the forward. Duck-typed, so that moe/ stays free of
+        torch.distributed."""
         names = ("w1_EDH", "w2_EHD") + (("wu_EDH",) if self.kind == "swiglu" else ("b1_EH", "b2_ED"))
         tensors = [getattr(self, n) for n in names]
+        if full:
+            return [(t.full_tensor() if hasattr(t, "full_tensor") else t).to(dtype) for t in tensors]
         return [(t.to_local() if hasattr(t, "to_local") else t).to(dtype) for t in tensors]
 
-    def per_expert(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+    def per_expert(self, dtype: torch.dtype, full: bool = False) -> list[tuple[torch.Tensor, ...]]:
         """Each expert's matrices as views. One unbind per stacked tensor: indexing w[e] per expert
         instead makes every expert's backward write a full (E, ·, ·) zero gradient (O(E²) traffic)."""
-        return list(zip(*(w.unbind(0) for w in self._weights(dtype))))
+        return list(zip(*(w.unbind(0) for w in self._weights(dtype, full))))
 
     @staticmethod
     def apply(kind: str, weights: tuple[torch.Tensor, ...], x_TD: torch.Tensor) -> torch.Tensor:

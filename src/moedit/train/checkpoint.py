@@ -13,6 +13,12 @@ checkpoints beyond `keep_last` are removed only after the new one exists. Nothin
 written. Loading validates state.json field by field, checks every file's size and sha256 against it
 (same-size damage too), refuses non-finite weights and tensors of another shape, and says how to recover.
 
+A *sharded* checkpoint (state.json has `"format": "sharded"`; written by parallel.data=fsdp runs,
+train/sharded_checkpoint.py) holds its model, EMA and optimizer in `sharded/` (torch.distributed.checkpoint,
+one file per rank, global shapes) and every rank's RNG in `rng.safetensors`; its model.safetensors and
+ema.safetensors exist once exported (`moedit export`, and always for a run's final checkpoint), and until
+then the commands that read weights say how to export them.
+
 A *weights-only* checkpoint (state.json has `"weights_only": true`; written by `save_weights_checkpoint`,
 e.g. by `moedit convert`) has no trainer.safetensors: resuming from it starts a fresh optimizer and
 takes the RNG from the run's seed, at the checkpoint's step; sampling reads it like any other.
@@ -34,6 +40,18 @@ from moedit.utils.files import file_sha256
 
 FILES = ("model.safetensors", "ema.safetensors", "trainer.safetensors", "state.json")
 WEIGHTS_ONLY_FILES = ("model.safetensors", "ema.safetensors", "state.json")
+SHARDED_DIR = "sharded"
+SHARDED_FILES = ("rng.safetensors", "state.json", f"{SHARDED_DIR}/.metadata")
+
+
+def is_sharded(state: dict) -> bool:
+    return state.get("format") == "sharded"
+
+
+def needed_files(state: dict) -> tuple[str, ...]:
+    if is_sharded(state):
+        return SHARDED_FILES
+    return WEIGHTS_ONLY_FILES if state.get("weights_only") else FILES
 
 
 class CheckpointError(RuntimeError):
@@ -78,7 +96,7 @@ def rng_state() -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _rng_tensors(rng_by_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def rng_tensors(rng_by_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {f"rng.{kind}.rank{rank}": value for rank, states in enumerate(rng_by_rank) for kind, value in states.items()}
 
 
@@ -89,7 +107,7 @@ def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _write_tensors(tmp: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+def write_tensors(tmp: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
     bad = _first_non_finite(tensors)
     if bad is not None:
         raise CheckpointError(f"refusing to write {name}: tensor {bad} holds NaN or inf (training diverged); "
@@ -104,14 +122,16 @@ def _write_tensors(tmp: Path, name: str, tensors: dict[str, torch.Tensor]) -> No
         raise OSError(code, os.strerror(code), str(tmp / name)) from exc
 
 
-def _publish(tmp: Path, final: Path, files: dict[str, dict[str, torch.Tensor]], state: dict) -> None:
+def publish(tmp: Path, final: Path, files: dict[str, dict[str, torch.Tensor]], state: dict,
+             present: tuple[str, ...] = ()) -> None:
     """Write `files` and state.json (with their sizes and sha256s) into `tmp`, then rename it to `final`.
+    `present`: files other processes already wrote into `tmp` (a sharded save's shards), recorded by size.
     On any failure (full disk, non-finite tensor, interrupt) `tmp` is removed and `final` is untouched."""
     try:
-        tmp.mkdir()
+        tmp.mkdir(exist_ok=bool(present))
         for name, tensors in files.items():
-            _write_tensors(tmp, name, tensors)
-        state["file_sizes"] = {name: (tmp / name).stat().st_size for name in files}
+            write_tensors(tmp, name, tensors)
+        state["file_sizes"] = {name: (tmp / name).stat().st_size for name in (*files, *present)}
         state["checksums"] = {name: file_sha256(tmp / name) for name in files}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         _fsync_dir_files(tmp)
@@ -131,6 +151,8 @@ def _fsync_dir_files(folder: Path) -> None:
     """Data on disk before the rename that publishes it: a power cut must not leave a complete-looking
     step directory of empty files."""
     for path in folder.iterdir():
+        if path.is_dir():
+            _fsync_dir_files(path)
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -147,13 +169,18 @@ def save_checkpoint(ckpt_root: Path, step: int, model, ema_model, optimizer, mod
     rng_by_rank = rng_by_rank if rng_by_rank is not None else [rng_state()]
     optim_tensors, optim_meta = _optimizer_tensors(optimizer)
     files = {"model.safetensors": _state_tensors(model), "ema.safetensors": _state_tensors(ema_model),
-             "trainer.safetensors": {**optim_tensors, **_rng_tensors(rng_by_rank)}}
+             "trainer.safetensors": {**optim_tensors, **rng_tensors(rng_by_rank)}}
     state = {"step": step, "model_config": model_config, "optimizer": optim_meta, "world_size": len(rng_by_rank),
              **(extra or {})}
-    _publish(ckpt_root / f".tmp-{final.name}-{os.getpid()}", final, files, state)
+    publish(ckpt_root / f".tmp-{final.name}-{os.getpid()}", final, files, state)
+    prune(ckpt_root, keep_last)
+    return final
+
+
+def prune(ckpt_root: Path, keep_last: int) -> None:
+    """Remove all but the newest `keep_last` checkpoints (after a new one is in place)."""
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         _remove(old)
-    return final
 
 
 def _remove(path: Path) -> None:
@@ -177,7 +204,7 @@ def save_weights_checkpoint(ckpt_root: Path, step: int, model_tensors: dict[str,
     files = {name: {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
              for name, tensors in (("model.safetensors", model_tensors), ("ema.safetensors", ema_tensors))}
     state = {"step": step, "model_config": model_config, "weights_only": True, "ema_updates": 0, **(extra or {})}
-    _publish(ckpt_root / f".tmp-{final.name}-{os.getpid()}", final, files, state)
+    publish(ckpt_root / f".tmp-{final.name}-{os.getpid()}", final, files, state)
     return final
 
 
@@ -226,7 +253,7 @@ def _config_diff(a: dict, b: dict, prefix: str = "model") -> list[str]:
 _STATE_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "step": ((int,), True), "model_config": ((dict,), True), "optimizer": ((dict,), False),
     "file_sizes": ((dict,), False), "checksums": ((dict,), False), "weights_only": ((bool,), False),
-    "ema_updates": ((int,), False), "world_size": ((int,), False),
+    "ema_updates": ((int,), False), "world_size": ((int,), False), "format": ((str,), False),
 }
 
 
@@ -242,7 +269,7 @@ def validate_state(path: Path, state) -> dict:
                               + recovery_advice(path))
     for name, (types, needed) in _STATE_FIELDS.items():
         if name not in state:
-            if needed or (name == "optimizer" and not state.get("weights_only")):
+            if needed or (name == "optimizer" and not state.get("weights_only") and not is_sharded(state)):
                 raise CheckpointError(f"{where} has no field {name!r}; it is damaged: " + recovery_advice(path))
             continue
         if not _type_ok(state[name], types):
@@ -276,8 +303,7 @@ def read_state(path: Path) -> dict:
             state = validate_state(path, json.loads((path / "state.json").read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"checkpoint {path}/state.json is corrupt ({exc}): " + recovery_advice(path)) from exc
-    needed = WEIGHTS_ONLY_FILES if state.get("weights_only") else FILES
-    missing = [name for name in needed if not (path / name).is_file()]
+    missing = [name for name in needed_files(state) if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}): " + recovery_advice(path))
     for name, size in state.get("file_sizes", {}).items():
@@ -310,6 +336,9 @@ def load_tensors(path: Path, name: str, device: torch.device | str = "cpu") -> d
     """One file of a checkpoint, checked: its sha256 against state.json (checkpoints written before
     checksums were recorded are checked by size only), readable, and every float tensor finite."""
     path = Path(path)
+    if not (path / name).is_file() and (path / SHARDED_DIR).is_dir():
+        raise CheckpointError(f"checkpoint {path} is sharded (written by parallel.data=fsdp) and its single-file "
+                              f"weights are not exported yet; run `moedit export {path}` to write {name}")
     expected = _recorded_checksum(path, name)
     if expected is not None and (path / name).is_file() and file_sha256(path / name) != expected:
         raise CheckpointError(f"checkpoint file {path / name} is damaged (its sha256 differs from the one recorded "
@@ -363,10 +392,10 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer, state: dict
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path}/trainer.safetensors does not fit this model's optimizer ({exc}); "
                               "it was made by another model or optimizer config: use the run's own config.yaml") from exc
-    return _restore_rng(tensors, state.get("world_size", 1), rank, world)
+    return restore_rng(tensors, state.get("world_size", 1), rank, world)
 
 
-def _restore_rng(tensors: dict[str, torch.Tensor], saved_world: int, rank: int, world: int) -> str | None:
+def restore_rng(tensors: dict[str, torch.Tensor], saved_world: int, rank: int, world: int) -> str | None:
     own = f"rng.cpu.rank{rank}"
     if saved_world == world and own in tensors:
         torch.set_rng_state(tensors[own])

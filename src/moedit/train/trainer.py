@@ -32,7 +32,7 @@ from moedit.config import Config, ConfigError, save_yaml, to_dict
 from moedit.data import build_dataset, latent_format, open_latents, read_header
 from moedit.device import autocast_dtype, check_backend_runs, resolve_device
 from moedit.distributed import setup as dist_setup
-from moedit.distributed.setup import all_reduce_sum, init_distributed, wrap_data_parallel
+from moedit.distributed.setup import all_reduce_sum, init_distributed
 from moedit.generate import save_class_grid
 from moedit.models import build_model
 from moedit.moe.routers import router_class
@@ -43,6 +43,7 @@ from moedit.diagnostics.precision import PrecisionMonitor
 from moedit.train.batches import BatchStream
 from moedit.train.bf16 import store_parameters
 from moedit.train.ema import EMA
+from moedit.train.layout import Layout
 from moedit.train.metrics import MetricsWriter, routing_metrics, summary_writer_class
 from moedit.train.optim import build_optimizer, lr_at, set_lr
 from moedit.utils.files import PathError, atomic_write_text, describe_os_error, ensure_writable_dir
@@ -82,13 +83,14 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         tc = cfg.train
         self.device = resolve_device(tc.device)
-        self.dist = init_distributed(self.device.type)
+        self.dist = init_distributed(self.device.type, cfg.parallel.timeout_s)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         check_backend_runs(cfg, self.device)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
+        self.layout = Layout(cfg, self.dist, self.device, self.amp_dtype)  # DDP or FSDP2 (+ EP) (train/layout.py)
         self.run_dir = Path(tc.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.lock = DirLock(self.run_dir, "moedit train", log=tqdm.write)
@@ -137,12 +139,18 @@ class Trainer:
         if cfg.model.moe is not None and self.dist.is_main:
             for warning in router_class(cfg.model.moe.router.name).config_warnings(cfg.model.moe):
                 tqdm.write(f"warning: {warning}")
+        if self.dist.is_main:
+            for note in self.layout.ignored:
+                tqdm.write(f"note: {note}")
         latest = self._check_run_dir(resume, start_if_empty)
         torch.manual_seed(cfg.seed + self.dist.rank)
         self.codec, self.dataset = self._open_data()
         self.model = build_model(cfg.model).to(self.device)
         store_parameters(self.model, tc, self.amp_dtype)  # train.param_dtype (docs/PRECISION.md)
+        self.layout.prepare(self.model)  # meshes; rank 0's initial weights on every rank when sharded
         self.ema = EMA(self.model, tc.ema_decay)
+        self.layout.apply(self.model, training=True)  # activation checkpointing, experts split, FSDP2 units
+        self.layout.apply(self.ema.model, training=False)  # sharded like the model, so its update is local
         self.optimizer = build_optimizer(self.model, tc, self.device, seed=cfg.seed)
         self.precision_monitor = PrecisionMonitor(self.model, tc.bf16_monitor_every,
                                                   getattr(self.optimizer, "intended_value", None))
@@ -152,7 +160,7 @@ class Trainer:
         self.start_step = self._load(latest) if latest is not None else 0
         self._first_bad: torch.Tensor | None = None  # first step with a non-finite loss, kept on the device
         self._aux_names_checked = False
-        self.step_model = wrap_data_parallel(self.model, self.dist, self.device, tc.aux_over_layers)
+        self.step_model = self.layout.wrap(self.model)
         if self.dist.is_main:
             save_yaml(cfg, self.run_dir / "config.yaml")  # only now: the checkpoint and config fit
         self.metrics = MetricsWriter(self.run_dir, tc.tensorboard, enabled=self.dist.is_main, start_step=self.start_step)
@@ -224,9 +232,7 @@ class Trainer:
     def _load(self, path: Path) -> int:
         state = ckpt.read_state(path)
         ckpt.check_model_config(path, state, to_dict(self.cfg.model))
-        ckpt.load_weights(self.model, path, "model.safetensors")
-        ckpt.load_weights(self.ema.model, path, "ema.safetensors")
-        inexact = ckpt.load_trainer_state(path, self.optimizer, state, self.dist.rank, self.dist.world)
+        inexact = self.layout.load(path, state, self.model, self.ema.model, self.optimizer)
         if inexact is not None:  # other world size: a fresh stream per (seed, step, rank), never step 0's again
             torch.manual_seed((self.cfg.seed * 1_000_003 + state["step"]) * 4099 + self.dist.rank)
             if self.dist.is_main:
@@ -273,19 +279,16 @@ class Trainer:
                        f"auxiliary losses averaged over the {layers} MoE layers; they are now summed (the papers' "
                        "convention). To continue it as it was trained, add --set train.aux_over_layers=mean")
 
-    def save(self, step: int) -> None:
-        """Every rank hands rank 0 its RNG state (exact resume by rank); rank 0 writes. A failed write (a
+    def save(self, step: int, final: bool = False) -> None:
+        """Every rank hands rank 0 its RNG state (exact resume by rank); rank 0 writes a plain checkpoint,
+        every rank its shards of a sharded one (`final`: with single-file weights too). A failed write (a
         full disk) leaves no partial directory and stops the run with the reason: the earlier checkpoints
         are intact."""
         rng_by_rank = dist_setup.gather_to_main(ckpt.rng_state())
-        if not self.dist.is_main:
-            return
+        extra = {"ema_updates": self.ema.updates, "data_position": self.batches.position(step)}
         try:
-            ckpt.save_checkpoint(self.ckpt_root, step, self.model, self.ema.model, self.optimizer,
-                                 to_dict(self.cfg.model), {"ema_updates": self.ema.updates,
-                                                           "data_position": self.batches.position(step)},
-                                 self.cfg.train.keep_last,
-                                 rng_by_rank=rng_by_rank)
+            self.layout.save(self.ckpt_root, step, self.model, self.ema.model, self.optimizer,
+                             to_dict(self.cfg.model), extra, rng_by_rank, final)
         except OSError as exc:
             raise TrainingError(f"checkpoint step {step} was not written: {describe_os_error(exc)}. "
                                 f"{self._intact_checkpoint()}; then run again with --resume") from exc
@@ -360,7 +363,7 @@ class Trainer:
             for name, value in logged.items():
                 logs[name] = logs.get(name, 0.0) + value.detach().float() / tc.grad_accum
         if tc.grad_clip is not None:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).detach()
+            logs["grad_norm"] = self.layout.clip_grad_norm(self.model, tc.grad_clip).detach()
         self.precision_monitor.before_step(step)  # snapshots the weights every bf16_monitor_every steps
         self.optimizer.step()
         self.precision_monitor.after_step()
@@ -390,10 +393,11 @@ class Trainer:
         )
 
     def write_samples(self, name: str) -> Path | None:
+        model = self.layout.sampling_model(self.ema.model)  # every rank: gathers sharded EMA weights on rank 0
         if not self.dist.is_main:
             return None
         path = self.run_dir / "samples" / f"{name}.png"
-        save_class_grid(self.ema.model, self.objective, self.cfg.sample, self.cfg.model.num_classes,
+        save_class_grid(model, self.objective, self.cfg.sample, self.cfg.model.num_classes,
                         self.device, path, amp_dtype=self.amp_dtype, codec=self.codec)
         return path
 
@@ -448,7 +452,7 @@ class Trainer:
         wall = time.perf_counter() - t0
         self.routing_monitor.close()  # last record, RUN/routing/summary.json, findings printed
         if self.start_step < tc.steps:  # a finished run resumed with nothing to do keeps its checkpoint
-            self.save(tc.steps)
+            self.save(tc.steps, final=True)
         grid = self.write_samples("final")
         self.metrics.close()
         summary = {"steps": tc.steps, "start_step": self.start_step, "train_wall_s": wall,
