@@ -10,8 +10,10 @@ from moedit.cli import bench as bench_cmd
 from moedit.cli import convert as convert_cmd
 from moedit.cli import diagnose as diagnose_cmd
 from moedit.cli import eval as eval_cmd
+from moedit.cli import export as export_cmd
 from moedit.cli import extract as extract_cmd
 from moedit.cli import peer_import as import_cmd
+from moedit.cli import plan as plan_cmd
 from moedit.cli import sample as sample_cmd
 from moedit.cli import train as train_cmd
 from moedit.cli import zoo as zoo_cmd
@@ -19,7 +21,7 @@ from moedit.cli import zoo as zoo_cmd
 COMMANDS = {"train": train_cmd, "sample": sample_cmd, "eval": eval_cmd, "convert": convert_cmd,
             "import": import_cmd, "diagnose": diagnose_cmd, "zoo": zoo_cmd,
             "bench": bench_cmd, "autoencoder": autoencoder_cmd,
-            "extract": extract_cmd}
+            "extract": extract_cmd, "export": export_cmd, "plan": plan_cmd}
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -31,10 +33,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from moedit.train.checkpoint import CheckpointError
     from moedit.train.trainer import TrainingError
     from moedit.utils.files import PathError
+    from moedit.utils.lock import LockedError
     from moedit.zoo.plan import ZooError
 
     return (ConfigError, DatasetError, CheckpointError, TrainingError, DiagnosticsError, EvalError,
-            FeatureClassifierError, ZooError, PathError)
+            FeatureClassifierError, ZooError, PathError, LockedError)
 
 
 def build_parser() -> argparse.ArgumentParser:

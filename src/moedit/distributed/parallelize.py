@@ -16,9 +16,10 @@ than the group has ranks (`shard_dim`: a shared expert's (1, D, H), a rank's few
 rank holds whole tensors while others hold padding.
 
 Gradients: FSDP2 averages over its group. Under ep > 1 an expert's gradient arrives already summed
-over the ep group by the all-to-all's backward, so averaging it over the efsdp group alone would leave
-it ep× too large; the experts' units divide by the world size instead, with sum-only reductions
-(gloo has no pre-multiplied sum).
+over the ep group by the all-to-all's backward, so after FSDP2's average over the efsdp group (none
+when efsdp = 1) it is ep× the data-parallel mean; `scale_expert_grads` divides it by ep once per
+optimizer step. (FSDP2's own divide factor would do it inside the reduce-scatter, but it needs a
+pre-multiplied sum gloo lacks, and FSDP2 skips the reduction, and with it the factor, on a group of one.)
 
 Mixed precision on CUDA with train.precision bf16/auto: bf16 parameters for compute, float32 gradient
 reduction, float32 routers; on CPU everything stays float32.
@@ -91,12 +92,25 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, amp_dtype: torch.dtype | None, 
         if block.moe is not None:
             fully_shard(block.moe.router, mesh=meshes.dense, mp_policy=router_policy, shard_placement_fn=dense)
             if meshes.ep > 1:
-                experts = fully_shard(block.moe.experts, mesh=meshes.efsdp_mesh, mp_policy=policy,
-                                      shard_placement_fn=_placement(meshes.efsdp_mesh.size()))
-                experts.set_gradient_divide_factor(float(meshes.world))
-                experts.set_force_sum_reduction_for_comms(True)
+                fully_shard(block.moe.experts, mesh=meshes.efsdp_mesh, mp_policy=policy,
+                            shard_placement_fn=_placement(meshes.efsdp_mesh.size()))
         fully_shard(block, mesh=meshes.dense, mp_policy=policy, shard_placement_fn=dense)
     fully_shard(model, mesh=meshes.dense, mp_policy=policy, shard_placement_fn=dense)
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for layer in model.moe_layers() for p in layer.experts.parameters()]
+
+
+@torch.no_grad()
+def scale_expert_grads(model: nn.Module, ep: int) -> None:
+    """After the last backward of an optimizer step under ep > 1: expert gradients from the sum over the
+    ep group to the mean over all ranks (module docstring)."""
+    if ep <= 1:
+        return
+    for param in expert_parameters(model):
+        if param.grad is not None:
+            param.grad.mul_(1.0 / ep)
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, meshes: Meshes | None, amp_dtype: torch.dtype | None,

@@ -20,7 +20,7 @@ from torch import nn
 from moedit.config import Config
 from moedit.distributed.grads import clip_sharded_grad_norm_
 from moedit.distributed.mesh import Meshes, build_meshes, check_ep
-from moedit.distributed.parallelize import broadcast_module, parallelize
+from moedit.distributed.parallelize import broadcast_module, parallelize, scale_expert_grads
 from moedit.distributed.setup import DistInfo, wrap_data_parallel
 from moedit.models import build_model
 from moedit.train import checkpoint as ckpt
@@ -60,6 +60,11 @@ class Layout:
         """The forward the step calls: DDP around it when replicated over several ranks."""
         info = self.info if not self.sharded else DistInfo()  # FSDP2 reduces gradients itself
         return wrap_data_parallel(model, info, self.device, self.cfg.train.aux_over_layers)
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Once per optimizer step, after the last micro-batch's backward (distributed/parallelize.py)."""
+        if self.sharded:
+            scale_expert_grads(model, self.cfg.parallel.ep)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         if self.sharded:

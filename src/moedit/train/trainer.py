@@ -362,6 +362,7 @@ class Trainer:
             logged = {"loss": loss, **{f"aux/{k}": v for k, v in {**aux, **aux_by_layer}.items()}}
             for name, value in logged.items():
                 logs[name] = logs.get(name, 0.0) + value.detach().float() / tc.grad_accum
+        self.layout.after_backward(self.model)  # expert gradients to the mean over ranks under ep > 1
         if tc.grad_clip is not None:
             logs["grad_norm"] = self.layout.clip_grad_norm(self.model, tc.grad_clip).detach()
         self.precision_monitor.before_step(step)  # snapshots the weights every bf16_monitor_every steps
