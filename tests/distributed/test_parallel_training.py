@@ -5,7 +5,8 @@ and on ep 4, with activation checkpointing — trains a tiny MoE-DiT for three o
 on its own quarter of the global batch, with the trainer's own pieces (Layout.prepare/apply/wrap,
 gradient clipping, the aux-loss-free bias update reduced over ranks). The reference is one process
 taking the same four quarters in turn (the routers see each rank's local batch, docs/SCALING.md) with
-the loss averaged over them. Parameters after the steps must agree within float32 tolerance.
+the loss averaged over them. Parameters after the steps must agree within float32 tolerance, and the
+parameters and AdamW moments the fullest rank holds must be what `moedit plan` counts for the layout.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from moedit.config import from_dict
 from moedit.distributed.setup import DistInfo, all_reduce_sum
 from moedit.models import build_model
 from moedit.objectives.rectified_flow import RectifiedFlow
+from moedit.distributed import planner
 from moedit.train.layout import Layout
 
 torch.set_num_threads(1)
@@ -73,23 +75,43 @@ def train(cfg, info, qs):
         opt.step()
         opt.zero_grad()
         model.after_optimizer_step(all_reduce_sum if info.enabled else None)
-    return model
+    return model, opt
+
+
+def local_numel(t):
+    return (t.to_local() if hasattr(t, "to_local") else t).numel()
+
+
+def held(model, opt):
+    """(parameter elements, AdamW moment bytes) this rank holds."""
+    params = sum(local_numel(p) for p in model.parameters())
+    moments = sum(local_numel(v) * v.element_size() for state in opt.state.values()
+                  for k, v in state.items() if k in ("exp_avg", "exp_avg_sq"))
+    return params, moments
 
 
 torch.manual_seed(0)
 ref_cfg = config("ddp", 1, "none")
-reference = {k: v for k, v in train(ref_cfg, DistInfo(), range(world)).state_dict().items()}
-results = {}
+reference = {k: v for k, v in train(ref_cfg, DistInfo(), range(world))[0].state_dict().items()}
+results, held_by_layout = {}, {}
 for name, (data, ep, ac) in LAYOUTS.items():
     cfg = config(data, ep, ac)
-    model = train(cfg, DistInfo(rank=rank, world=world), [rank])
+    model, opt = train(cfg, DistInfo(rank=rank, world=world), [rank])
+    if data == "fsdp":
+        counts = [None] * world
+        dist.all_gather_object(counts, held(model, opt))
+        facts = planner.model_facts(cfg)
+        layout = planner.Layout(data=data, ep=ep)
+        predicted = planner.params_per_rank(facts, layout, world).total
+        held_by_layout[name] = {"held_max": max(c[0] for c in counts), "moments_max": max(c[1] for c in counts),
+                                "planner": predicted}
     worst = 0.0
     for key, value in model.state_dict().items():
         full = value.full_tensor() if hasattr(value, "full_tensor") else value
         worst = max(worst, (full - reference[key]).abs().max().item())
     results[name] = worst
 if rank == 0:
-    json.dump(results, open(sys.argv[1], "w"))
+    json.dump({"worst": results, "held": held_by_layout}, open(sys.argv[1], "w"))
 dist.destroy_process_group()
 '''
 
@@ -105,6 +127,10 @@ def test_layouts_train_like_one_process(tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads(out.read_text())
+    for name, held in results["held"].items():  # the planner's exact figures: what the fullest rank holds
+        assert held["held_max"] == held["planner"], f"{name}: a rank holds {held}"
+        assert held["moments_max"] == 8 * held["planner"], f"{name}: AdamW state {held}"
+    results = results["worst"]
     assert set(results) == {"ddp", "fsdp", "fsdp_ep2", "fsdp_ep2_moe_only", "fsdp_ep4"}
     bad = {name: worst for name, worst in results.items() if worst > 2e-5}
     assert not bad, f"parameters after 3 steps differ from one process by: {bad}"

@@ -6,7 +6,7 @@ import sys
 
 import yaml
 
-from moedit.config import load_config, to_dict
+from moedit.config import ConfigError, load_config, to_dict
 
 HELP = "train a model; writes RUN/config.yaml, metrics.jsonl, samples/*.png, checkpoints/"
 
@@ -19,14 +19,26 @@ def add_arguments(p) -> None:
                    help="continue the run in train.out_dir from its latest checkpoint (an error if it has none)")
     p.add_argument("--resume-or-start", action="store_true",
                    help="continue train.out_dir's run if it has a checkpoint, else start a new run there")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the parallel layout (mesh, what is sharded where), then exit")
+    p.add_argument("--world", type=int, default=None, metavar="N",
+                   help="with --dry-run: the number of ranks to lay out (default: torchrun's WORLD_SIZE, else 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
     cfg = load_config(args.config, args.set)
     if args.dry_run:
-        sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        import os
+
+        from moedit.distributed.describe import describe_layout
+
+        world = args.world if args.world is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        if world < 1:
+            raise ConfigError(f"--world {world}: need at least 1 rank")
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one copy of the text
+            sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            print(describe_layout(cfg, world))
         return 0
     from moedit.distributed.setup import shutdown
     from moedit.train.trainer import Trainer
