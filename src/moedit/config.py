@@ -568,6 +568,10 @@ def _validate_parallel(cfg: Config) -> None:
         raise ConfigError("parallel.data=fsdp keeps float32 sharded weights and computes in bf16 through its "
                           "mixed-precision policy; train.param_dtype=bf16 storage is for ddp. Set "
                           "train.param_dtype=fp32 (or parallel.data=ddp)")
+    if p.data == "fsdp" and cfg.train.bf16_monitor_every > 0:
+        raise ConfigError("train.bf16_monitor_every compares whole weight tensors before and after each step, which "
+                          "parallel.data=fsdp shards; measure it with parallel.data=ddp (or one process), or set "
+                          "train.bf16_monitor_every=0")
     if p.data == "fsdp" and cfg.model.moe is not None and cfg.model.moe.expert_layout == "col":
         raise ConfigError("parallel.data=fsdp needs contiguous parameters, but model.moe.expert_layout=col stores "
                           "each expert's matrices column-major; set model.moe.expert_layout=row (checkpoints are "
