@@ -28,6 +28,7 @@ DUMP = r'''
 import sys, torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 from moedit.config import load_config
+from moedit.distributed.setup import shutdown
 from moedit.train.trainer import Trainer
 torch.set_num_threads(1)
 cfg_path, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -38,6 +39,7 @@ ema = get_model_state_dict(trainer.ema.model, options=full)
 if trainer.dist.is_main:
     torch.save({"model": model, "ema": ema, "optim": optim["state"], "step": trainer.start_step}, out)
 trainer.close()
+shutdown()  # as `moedit train` ends: a process group left open can abort the process at exit
 '''
 
 # `moedit train`, with rank 1 killed when it starts writing the shards of step 4
