@@ -142,6 +142,8 @@ class Trainer:
         if self.dist.is_main:
             for note in self.layout.ignored:
                 tqdm.write(f"note: {note}")
+            if self.dist.enabled:
+                tqdm.write(f"parallel: {self.layout.describe()}")
         latest = self._check_run_dir(resume, start_if_empty)
         torch.manual_seed(cfg.seed + self.dist.rank)
         self.codec, self.dataset = self._open_data()
