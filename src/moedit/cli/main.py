@@ -60,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"moedit {args.command}: error: {describe_os_error(exc, 'read or write')}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # under torchrun: another rank died or hangs -> one clear line, not a traceback
+        from moedit.distributed.setup import lost_peer_message
+
+        message = lost_peer_message(exc)
+        if message is None:
+            raise
+        print(f"moedit {args.command}: error: {message}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"moedit {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -34,10 +35,15 @@ class DistInfo:
         return self.world > 1
 
 
+_TIMEOUT_S: float | None = None  # what init_distributed gave the group, for lost_peer_message
+
+
 def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
+    global _TIMEOUT_S
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    _TIMEOUT_S = timeout_s
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
@@ -149,3 +155,27 @@ def barrier() -> None:
 def shutdown() -> None:
     if _active():
         dist.destroy_process_group()
+
+
+# What gloo, NCCL and the c10d store say when a peer is gone or silent (they raise plain RuntimeErrors or
+# DistError subclasses whose text is all there is to go on).
+_LOST_PEER = re.compile(r"connection (reset|closed|refused)|broken pipe|timed? ?out|timeout|"
+                        r"communicator was aborted|socket (closed|timeout)", re.IGNORECASE)
+
+
+def lost_peer_message(exc: BaseException) -> str | None:
+    """One clear paragraph when `exc` says this rank lost the others (a rank died, was killed, or stopped
+    answering for parallel.timeout_s); None for any other error, and outside a multi-rank run."""
+    if _TIMEOUT_S is None or not isinstance(exc, RuntimeError):
+        return None
+    distributed_error = isinstance(exc, getattr(dist, "DistError", ()))
+    text = str(exc)
+    if not (distributed_error or _LOST_PEER.search(text)):
+        return None
+    where = f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}"
+    cause = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    cause = re.sub(r"^\[[^\]]*\] ?", "", cause)  # drop the "[.../pair.cc:537]" source location
+    cause = cause.split(" This is typically caused")[0].rstrip(". ")[:300]
+    return (f"{where} lost contact with the other ranks ({cause}). Another rank died, was killed or "
+            f"stopped answering for parallel.timeout_s = {_TIMEOUT_S:g} s: its own log says why. Checkpoints "
+            "already completed are kept; fix the cause and continue with `moedit train ... --resume`.")
