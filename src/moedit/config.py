@@ -107,6 +107,12 @@ class ModelConfig:
     image_size: int = 28
     in_channels: int = 1
     patch_size: int = 4
+    # video (docs/VIDEO.md): frames per clip, input B×C×T×H×W; 1 = an image model (B×C×H×W), the same code
+    frames: int = 1
+    temporal_patch: int = 1  # video: frames per token (pt; the 3-D patch is pt×p×p); must divide frames
+    # video: full (one attention over every frame's tokens) | factorised (spatial, then temporal, in each block)
+    attention: str = "full"
+    rope_time_fraction: float = 0.25  # video with pos_embed rope: share of each head's channels rotated by frame
     width: int = 128
     depth: int = 4
     heads: int = 4
@@ -165,15 +171,21 @@ class SampleConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    name: str = "mnist"  # mnist | fashion_mnist | folder | npz | synthetic | latents (a `moedit extract` store)
+    # mnist | fashion_mnist | folder | npz | synthetic | latents (a `moedit extract` store) | moving_mnist |
+    # video_folder (the video datasets, docs/VIDEO.md)
+    name: str = "mnist"
     path: str | None = None  # folder / npz / latent store location; optional override for the others
     split: str = "train"
-    image_size: int | None = None  # resize (folder data); None = native size
+    image_size: int | None = None  # resize (folder data); None = native size; moving_mnist: the canvas (default 64)
     crop: str = "center"  # folder data, lazy or extracted: center | adm (ADM's, as DiT's ImageNet pipeline)
     lazy: bool = False  # folder data: decode each image when a batch needs it, never all into memory
     workers: int = 0  # DataLoader processes reading lazy folders and latents ahead of the step (0 = in the step)
     # data.name=latents: auto (from the folder) | moedit (`moedit extract`) | fast_dit | promoe | mar (the peers')
     latent_format: str = "auto"
+    frames: int | None = None  # video clips: frames per clip (moving_mnist default 10; video_folder: checked)
+    digits: int = 1  # moving_mnist: digits per clip, 1 (label: the digit) or 2 (label: the unordered pair)
+    clips: int | None = None  # moving_mnist: clips in the split; None = 10000 train / 2000 test
+    speed: float = 2.0  # moving_mnist: the digits' speed in pixels per frame
 
 
 @dataclass(kw_only=True)
@@ -542,11 +554,20 @@ def validate(cfg: Config) -> None:
     _need(not cfg.data.lazy or cfg.data.name == "folder", "data.lazy", cfg.data.lazy,
           "applies to data.name=folder only (the other datasets are small and read into memory; latents are lazy)")
     _choice(cfg.data.latent_format, ("auto", "moedit", "fast_dit", "promoe", "mar"), "data.latent_format")
+    _positive(cfg.data, "data", ("frames", "clips"), ", or null for the default")
+    _need(cfg.data.digits in (1, 2), "data.digits", cfg.data.digits,
+          "must be 1 or 2 (moving_mnist labels a clip by its digit or its unordered pair of digits)")
+    _need(cfg.data.speed >= 0, "data.speed", cfg.data.speed, "must be at least 0 (pixels per frame)")
+    _need(cfg.data.name != "moving_mnist" or cfg.data.image_size is None or cfg.data.image_size >= 28,
+          "data.image_size", cfg.data.image_size, "is the moving_mnist canvas: at least 28 (one digit), e.g. 64")
     if cfg.data.name == "latents" and not cfg.data.path:
         raise ConfigError("data.name=latents needs data.path: the folder `moedit extract --out` wrote")
     _validate_diagnostics(cfg.diagnostics)
     _validate_codec(cfg.codec)
     _validate_parallel(cfg)
+    if cfg.model.frames > 1 and cfg.codec.name != "identity":
+        raise ConfigError(f"codec.name={cfg.codec.name}: video models (model.frames > 1) train in pixel space "
+                          "in this version; set codec.name=identity")
 
 
 def _validate_parallel(cfg: Config) -> None:
@@ -595,6 +616,26 @@ def _validate_codec(c: CodecConfig) -> None:
     _need(c.scale is None or c.scale > 0, "codec.scale", c.scale, "must be positive (SD-VAE: 0.18215), or null")
 
 
+def _validate_video(m: ModelConfig) -> None:
+    _at_least(m, "model", ("frames", "temporal_patch"), 1)
+    if m.frames % m.temporal_patch != 0:
+        raise ConfigError(f"model.frames={m.frames} is not divisible by model.temporal_patch={m.temporal_patch}; "
+                          f"pick a temporal patch that divides it (e.g. {_divisors(m.frames)})")
+    _choice(m.attention, ("full", "factorised"), "model.attention")
+    if m.attention == "factorised" and m.frames // m.temporal_patch < 2:
+        raise ConfigError("model.attention=factorised needs at least two temporal tokens (model.frames / "
+                          "model.temporal_patch >= 2); an image model (frames 1) uses model.attention=full")
+    if m.frames // m.temporal_patch > 1 and m.pos_embed == "rope":
+        from moedit.models.embed import rope_axis_channels
+
+        if not 0.0 < m.rope_time_fraction < 1.0:
+            raise ConfigError(f"model.rope_time_fraction={m.rope_time_fraction} must lie in (0, 1), e.g. 0.25")
+        try:
+            rope_axis_channels(m.width // m.heads, m.rope_time_fraction)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def _validate_model(m: ModelConfig) -> None:
     _at_least(m, "model", ("image_size", "in_channels", "patch_size", "width", "depth", "heads", "num_classes"), 1)
     # (at least 1 also keeps the divisibility checks below from dividing by zero)
@@ -605,6 +646,7 @@ def _validate_model(m: ModelConfig) -> None:
         )
     if m.width % m.heads != 0:
         raise ConfigError(f"model.width={m.width} must be divisible by model.heads={m.heads}")
+    _validate_video(m)
     if m.pos_embed == "rope" and (m.width // m.heads) % 4 != 0:
         raise ConfigError("model.pos_embed=rope needs a head width (width/heads) divisible by 4")
     if m.pos_embed != "rope" and m.width % 4 != 0:  # sincos_2d splits width into 4 equal parts

@@ -1,6 +1,6 @@
 """Generation glue shared by the trainer and `moedit sample`: seeded noise, classifier-free guidance
 around the model, the configured sampler, the codec's decoder (latents -> images), and a class-per-row
-PNG grid."""
+PNG grid (video: a contact sheet, one row per clip, and an animated GIF of the class-per-row grid)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from moedit.config import SampleConfig
 from moedit.samplers import build_sampler
 from moedit.samplers.guidance import classifier_free_guidance
 from moedit.utils.images import save_grid
+from moedit.utils.video import save_contact_sheet, save_gif
 
 
 def _model_fn(model: torch.nn.Module, amp_dtype: torch.dtype | None):
@@ -34,9 +35,8 @@ def generate(model: torch.nn.Module, objective, cfg: SampleConfig, y_B: torch.Te
     pixels); noise is drawn from `cfg.seed` on the CPU so the same seed gives the same samples on any device."""
     was_training = model.training
     model.eval()
-    m = model.cfg
     gen = torch.Generator().manual_seed(cfg.seed)
-    noise_BCHW = torch.randn((len(y_B), m.in_channels, m.image_size, m.image_size), generator=gen)
+    noise_BCHW = torch.randn((len(y_B), *model.input_shape()), generator=gen)  # clips: B×C×T×H×W
     model_fn = _model_fn(model, amp_dtype)
     if cfg.cfg_scale != 1.0:
         interval = tuple(cfg.cfg_interval) if cfg.cfg_interval is not None else None
@@ -60,9 +60,14 @@ def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
 def save_class_grid(model: torch.nn.Module, objective, cfg: SampleConfig, num_classes: int, device: torch.device,
                     path: Path, amp_dtype: torch.dtype | None = None, progress: bool = False,
                     codec: Codec | None = None) -> torch.Tensor:
-    """One row per class, `cfg.per_class` samples per row."""
-    x_BCHW = generate(model, objective, cfg, class_labels(num_classes, cfg.per_class), device, amp_dtype,
-                      progress=progress, codec=codec)
+    """One row per class, `cfg.per_class` samples per row; clips: `path` is the contact sheet (one row per
+    clip, classes in order) and `path` with .gif the animated grid (one class per row)."""
+    x = generate(model, objective, cfg, class_labels(num_classes, cfg.per_class), device, amp_dtype,
+                 progress=progress, codec=codec)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_grid(x_BCHW, path, nrow=cfg.per_class)
-    return x_BCHW
+    if x.ndim == 5:
+        save_contact_sheet(x, path)
+        save_gif(x, Path(path).with_suffix(".gif"), nrow=cfg.per_class)
+    else:
+        save_grid(x, path, nrow=cfg.per_class)
+    return x

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from moedit.config import ConfigError, MoEConfig, ModelConfig, from_dict, to_dict
-from moedit.models.dit import DiT, moe_block_indices
+from moedit.models.dit import DiT, moe_block_indices, sample_shape
 from moedit.convert.exact import routing_exactness
 from moedit.convert.keys import ConversionError, MapContext, map_state_dict
 from moedit.moe.experts import KINDS as EXPERT_KINDS
@@ -180,7 +180,7 @@ def expected_exactness(dense_cfg: ModelConfig, model: DiT) -> tuple[bool, str]:
 def verification_inputs(cfg: ModelConfig, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
     """x_t ~ N(0, I), t ~ U(0, 1), labels with every other sample the null label (the CFG branch)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen)
+    x = torch.randn(batch, *sample_shape(cfg), generator=gen)
     t = torch.rand(batch, generator=gen)
     y = torch.randint(cfg.num_classes, (batch,), generator=gen)
     y[1::2] = cfg.num_classes

@@ -219,7 +219,7 @@ def model_facts(cfg: Config) -> ModelFacts:
     mc = cfg.model
     k = routed_experts_per_token(mc.moe.router) if mc.moe is not None else 0.0
     return ModelFacts(params=tuple(_param_tensors(model)), blocks=tuple(_block_shape(b, mc) for b in model.blocks),
-                      width=mc.width, heads=mc.heads, qk_norm=mc.qk_norm, tokens_per_sample=model.grid ** 2,
+                      width=mc.width, heads=mc.heads, qk_norm=mc.qk_norm, tokens_per_sample=model.time_grid * model.grid ** 2,
                       experts_per_token=float(k), total=counts.total, activated=counts.activated,
                       moe_activated=sum(_moe_activated(layer) for layer in model.moe_layers()))
 

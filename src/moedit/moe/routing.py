@@ -33,7 +33,9 @@ class RoutingContext:
     gates; labels_B: the labels after classifier-free dropout (null label = num_classes);
     target_BLP: the training target patchified like the model's output (B, L, p²·C), given only in
     training, for routers with a per-layer regularisation head (race); t_B: the diffusion times of
-    the batch (the routing monitor buckets decisions by them; no router reads them yet).
+    the batch (the routing monitor buckets decisions by them; no router reads them yet); frames: the
+    number of temporal token positions of a video model (1 for images). Tokens are in (frame, row,
+    column) order, so token l of a sample lies in frame l // (seq_len // frames).
     """
 
     batch: int
@@ -43,6 +45,11 @@ class RoutingContext:
     null_label: int | None = None
     target_BLP: torch.Tensor | None = None
     t_B: torch.Tensor | None = None
+    frames: int = 1
+
+    def frame_L(self, device: torch.device) -> torch.Tensor:
+        """The frame index of each of a sample's seq_len tokens (all 0 for images)."""
+        return torch.arange(self.seq_len, device=device) // (self.seq_len // self.frames)
 
     def null_tokens_N(self, device: torch.device) -> torch.Tensor:
         """True for every token of a null-label sample (all False for a model without labels)."""

@@ -66,6 +66,12 @@ def check_data_fits_model(cfg: Config, dataset, codec: Codec | None = None) -> N
             f"but the model expects {m.in_channels}x{m.image_size}x{m.image_size}; set model.in_channels="
             f"{channels} model.image_size={size}" + (" (or data.image_size to resize)" if not through else "")
         )
+    frames = getattr(dataset, "frames", 1)  # video datasets have T frames per clip, images (and latents) 1
+    if frames != m.frames:
+        what = f"clips of {frames} frames" if frames > 1 else "images (one frame each)"
+        raise ConfigError(f"data {dataset.name} has {what} but model.frames={m.frames}; set model.frames={frames}"
+                          + (" (a video model trains on clips: data.name=moving_mnist or video_folder)"
+                             if frames == 1 else ""))
     if dataset.num_classes > m.num_classes:
         raise ConfigError(f"data {dataset.name} has {dataset.num_classes} classes but model.num_classes="
                           f"{m.num_classes}; set model.num_classes={dataset.num_classes}")
