@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-HELP = "sample from a trained run; writes a PNG grid (one row per class) and optionally an .npz"
+HELP = ("sample from a trained run; writes a PNG grid (one row per class; video: a contact sheet, one clip per "
+        "row, and an animated .gif beside it) and optionally an .npz")
 
 
 def add_arguments(p) -> None:
@@ -45,7 +46,8 @@ def run(args) -> int:
     if npz is not None:
         labels = torch.arange(cfg.model.num_classes).repeat_interleave(cfg.sample.per_class)
         save_npz(npz, compressed=True, images=to_uint8(x_BCHW).numpy(), labels=labels.numpy())
-    print(f"wrote {out}" + (f" and {npz}" if npz is not None else ""))
+    written = f"{out} (contact sheet) and {out.with_suffix('.gif')}" if x_BCHW.ndim == 5 else str(out)
+    print(f"wrote {written}" + (f" and {npz}" if npz is not None else ""))
     return 0
 
 

@@ -56,6 +56,11 @@ class ImageDataset:
     def channels(self) -> int:
         return int(self.images_NCHW.shape[1])
 
+    @property
+    def frames(self) -> int:
+        """1: an image is a one-frame clip (VideoDataset, data/video.py, has T)."""
+        return 1
+
     def __len__(self) -> int:
         return int(self.images_NCHW.shape[0])
 

