@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: env quickstart test bench conversion-study zoo-mnist zoo-fashion clean-quickstart
+.PHONY: env quickstart test bench conversion-study video-conversion-study zoo-mnist zoo-fashion clean-quickstart
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ bench: env
 # (docs/CONVERSION_STUDY.md; ~30 min on a 2-core CPU; rerunning continues where it stopped).
 conversion-study: env
 	$(PY) studies/conversion_study.py
+
+# The same study on video (docs/VIDEO.md): the dense video quickstart on Moving MNIST, converted and diagnosed.
+# Resumable: a stage whose output exists is skipped.
+video-conversion-study: env
+	$(PY) studies/conversion_study.py --domain video
 
 # The router zoo of docs/RESULTS.md: 13 entries x 2 seeds per dataset, one process per dataset with one
 # thread each (run both at once on a 2-core CPU). MNIST's thin strokes need more steps than

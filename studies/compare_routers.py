@@ -19,6 +19,7 @@ studies/results/compare_routers.{json,md}. Existing run directories are refused,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from moedit.config import DataConfig, load_config
+from moedit.config import load_config
 from moedit.data import build_dataset
 from moedit.objectives import build_objective
 from moedit.train.metrics import read_metrics
@@ -39,9 +40,9 @@ DEFAULT_CONFIGS = ["quickstart", "router_expert_choice", "router_diffmoe", "rout
 
 @torch.no_grad()
 def held_out(model, objective, cfg, num: int = 1000, batch: int = 250) -> dict:
-    """Held-out loss and eval-mode routing of `model` on the first `num` test images."""
-    data = build_dataset(DataConfig(name=cfg.data.name, path=cfg.data.path, split="test",
-                                    image_size=cfg.data.image_size))
+    """Held-out loss and eval-mode routing of `model` on the first `num` test images (or clips)."""
+    data = build_dataset(dataclasses.replace(cfg.data, split="test"))
+    num = min(num, len(data))
     model.eval()
     generator = torch.Generator().manual_seed(1234)  # same t and noise for every router
     losses, assignments, tokens = [], 0, 0

@@ -1,12 +1,15 @@
 """The conversion study of arXiv 2605.19378 at quickstart scale: train the dense quickstart, convert it to a
 token-choice MoE with a linear, an MLP and a cross-attention gate, fine-tune each, and diagnose the routing.
+`--domain video` runs it in the paper's own domain: the dense video quickstart on Moving MNIST.
 
     PYTHONPATH=src python studies/conversion_study.py            # or: make conversion-study
+    PYTHONPATH=src python studies/conversion_study.py --domain video   # or: make video-conversion-study
     PYTHONPATH=src python studies/conversion_study.py --gates linear --finetune-steps 300
     PYTHONPATH=src python studies/conversion_study.py --variant nobalance --set train.aux_weights.balance=0
 
 Every stage is the user-facing command line, printed before it runs (docs/CONVERSION_STUDY.md):
-  1. moedit train -c configs/dense_quickstart.yaml                            (dense source, 1,500 steps)
+  1. moedit train -c configs/dense_quickstart.yaml                            (dense source; video:
+                                                    configs/dense_video_quickstart.yaml)
   2. moedit convert runs/dense_quickstart --out RUN_ROOT/<gate> --moe configs/study/convert_moe.yaml
          --set model.moe.router.gate=<gate> --verify                         (8 full copies, top-2 normalised)
   3. moedit train -c RUN_ROOT/<gate>/config.yaml --resume                     (fine-tune, monitor on)
@@ -15,12 +18,15 @@ A stage whose output exists is not run again, so an interrupted study continues 
 Then, per run: the verification error, held-out loss of the EMA weights on 1,000 MNIST test images (same t
 and noise for every model; studies/compare_routers.py's protocol), and from the routing record
 the last quarter's per-layer top-1 share, score entropy and expert-output cosine, plus the detector
-events. Writes studies/results/conversion_study.{json,md}.
+events, and the shared expert's share of each MoE layer's output on the held-out batch (Law 2 starts it
+at noise; its growth is one of the paper's observations). Writes studies/results/conversion_study.{json,md}
+(video: video_conversion_study.{json,md}, runs under runs/video_conversion_study).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import subprocess
@@ -40,6 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_routers import held_out  # noqa: E402  (same held-out protocol as the router comparison)
 
 GATES = ["linear", "mlp", "cross_attn"]
+# domain -> (dense config, dense run, run root, results name)
+DOMAINS = {"image": ("configs/dense_quickstart.yaml", "runs/dense_quickstart", "runs/conversion_study",
+                     "conversion_study"),
+           "video": ("configs/dense_video_quickstart.yaml", "runs/dense_video_quickstart",
+                     "runs/video_conversion_study", "video_conversion_study")}
 
 
 def moedit(*args: str) -> None:
@@ -53,11 +64,41 @@ def trained(run_dir: Path) -> bool:
 
 
 def evaluate(run_dir: Path) -> dict:
-    """Held-out loss (and eval routing) of the run's latest EMA weights."""
+    """Held-out loss (and eval routing, and the shared expert's output share) of the run's latest EMA weights."""
     run = open_run(run_dir)
     model = run.load_model("ema")
     torch.manual_seed(0)
-    return held_out(model, build_objective(run.cfg.objective), run.cfg)
+    with shared_output_share(model) as share:
+        result = held_out(model, build_objective(run.cfg.objective), run.cfg)
+    return {**result, **({"shared_share": share()} if model.moe_layers() else {})}
+
+
+@contextlib.contextmanager
+def shared_output_share(model):
+    """While open, every MoE layer with a shared expert sums ‖shared(x)‖ and ‖layer output‖ over tokens; the
+    yielded function gives, per layer, Σ‖shared‖ / Σ‖output‖ (None for a layer without a shared expert)."""
+    layers = model.moe_layers()
+    sums = [[0.0, 0.0] for _ in layers]
+    undo = []
+    for i, layer in enumerate(layers):
+        if layer.shared is None:
+            continue
+
+        def shared_all(x_ND, _i=i, _forward=layer.shared.forward_all):
+            out_ND = _forward(x_ND)
+            sums[_i][0] += out_ND.detach().float().norm(dim=-1).sum().item()
+            return out_ND
+
+        def total(module, args, out_BLD, _i=i):
+            sums[_i][1] += out_BLD.detach().float().norm(dim=-1).sum().item()
+
+        layer.shared.forward_all = shared_all
+        undo += [lambda _l=layer: delattr(_l.shared, "forward_all"), layer.register_forward_hook(total).remove]
+    try:
+        yield lambda: [round(s / t, 4) if t else None for s, t in sums]
+    finally:
+        for fn in undo:
+            fn()
 
 
 def routing_tail(run_dir: Path) -> dict:
@@ -96,18 +137,20 @@ def run_gate(gate: str, dense: Path, run_root: Path, finetune_steps: int | None,
             "train_wall_s": summary.get("train_wall_s"), **evaluate(out), "routing": routing_tail(out)}
 
 
-def fmt_layers(values: list[float | None]) -> str:
-    return " / ".join("–" if v is None or v != v else f"{v:.2f}" for v in values)
+def fmt_layers(values: list[float | None], spec: str = ".2f") -> str:
+    return " / ".join("–" if v is None or v != v else format(v, spec) for v in values)
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Conversion study (dense quickstart → token-choice MoE, three gates)", "",
+    source = "dense video quickstart" if result.get("domain") == "video" else "dense quickstart"
+    lines = [f"# Conversion study ({source} → token-choice MoE, three gates)", "",
              f"`{result['command']}` on {result['device']}."
              + (f" Overrides: {', '.join(result['overrides'])}." if result["overrides"] else ""), "",
              f"Dense source: {result['dense']['run']}, held-out loss {result['dense']['held_out_loss']:.4f}.", "",
              "| gate | verify max \\|Δ\\| | held-out loss | top-1 share per layer | score entropy per layer | "
-             "expert cosine per layer (first probe → last quarter) | least-loaded expert's share | events |",
-             "|---|---|---|---|---|---|---|---|"]
+             "expert cosine per layer (first probe → last quarter) | least-loaded expert's share | "
+             "shared expert's output share | events |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         g = r["routing"]
         kinds: dict[str, int] = {}
@@ -117,7 +160,8 @@ def markdown(result: dict) -> str:
         first = fmt_layers(g["cosine_first_probe"]) if g["cosine_first_probe"] else "–"
         lines.append(f"| {r['gate']} | {r['verification']['max_abs']:.2g} | {r['held_out_loss']:.4f} | "
                      f"{fmt_layers(g['top1_share'])} | {fmt_layers(g['entropy'])} | {first} → "
-                     f"{fmt_layers(g['cosine'])} | {fmt_layers(g['minority_share'])} | {events} |")
+                     f"{fmt_layers(g['cosine'])} | {fmt_layers(g['minority_share'])} | "
+                     f"{fmt_layers(r.get('shared_share') or [], '.2g')} | {events} |")
     lines += ["", "Per-layer values are MoE layers in block order (blocks "
               f"{result['runs'][0]['routing']['blocks'] if result['runs'] else []}), "
               "averaged over the last quarter of the fine-tuning record. Full reports: RUN/diagnostics/report.md."]
@@ -127,26 +171,31 @@ def markdown(result: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gates", nargs="*", default=GATES, choices=GATES)
-    p.add_argument("--dense", default="runs/dense_quickstart", help="dense run (trained here if missing)")
-    p.add_argument("--run-root", default="runs/conversion_study")
+    p.add_argument("--domain", default="image", choices=list(DOMAINS),
+                   help="image: the MNIST quickstart; video: the Moving MNIST video quickstart")
+    p.add_argument("--dense", help="dense run (trained here if missing); default by --domain")
+    p.add_argument("--run-root", help="where the converted runs go; default by --domain")
     p.add_argument("--finetune-steps", type=int, help="override configs/study/convert_moe.yaml's train.steps")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra overrides given to every `moedit convert` (e.g. train.aux_weights.balance=0)")
     p.add_argument("--variant", default="", help="name of this variant: runs go to RUN_ROOT/<gate>_<variant>, "
                    "results to conversion_study_<variant>.{json,md}")
-    p.add_argument("--out", default=str(ROOT / "studies" / "results" / "conversion_study"))
+    p.add_argument("--out", help="results path without suffix; default studies/results/<domain's name>")
     args = p.parse_args()
 
-    dense, run_root = Path(args.dense), Path(args.run_root)
+    dense_config, dense_default, root_default, name = DOMAINS[args.domain]
+    dense, run_root = Path(args.dense or dense_default), Path(args.run_root or root_default)
+    args.out = args.out or str(ROOT / "studies" / "results" / name)
     if args.variant and not args.set:
         p.error("--variant names a change: give it with --set")
     if not trained(ROOT / dense):
-        moedit("train", "-c", "configs/dense_quickstart.yaml", "--set", f"train.out_dir={dense}")
+        moedit("train", "-c", dense_config, "--set", f"train.out_dir={dense}")
     dense_eval = evaluate(ROOT / dense)
     result = {
         "command": "python studies/conversion_study.py " + " ".join(sys.argv[1:]),
         "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                   f"Python {platform.python_version()}",
+        "domain": args.domain,
         "dense": {"run": str(dense), "held_out_loss": dense_eval["held_out_loss"]},
         "overrides": args.set,
         "runs": [run_gate(g, dense, run_root, args.finetune_steps, args.set, args.variant) for g in args.gates],
