@@ -18,7 +18,7 @@ def test_shipped_config_builds_and_runs(path):
     cfg = load_config(path, overrides)
     model = build_model(cfg.model)
     m = cfg.model
-    x = torch.randn(2, m.in_channels, m.image_size, m.image_size)
+    x = torch.randn(2, *model.input_shape())  # images, or clips for a video config
     out = model(x, torch.rand(2), torch.randint(0, m.num_classes, (2,)))
     assert out.shape == x.shape
     loss = out.square().mean() + sum(model.aux_losses().values())
