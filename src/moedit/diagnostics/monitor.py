@@ -4,7 +4,8 @@ After each forward it reads every MoE layer's `last_routing` (token_M, expert_M,
 and the batch's t and labels (after classifier-free dropout, from `model.last_context`), and adds,
 per layer, into one flat float32 accumulator on the device (record.py lists the fields):
 
-    load_e                 assignments per expert, also split by timestep bucket and by class slot
+    load_e                 assignments per expert, also split by timestep bucket and by class slot, and
+                           for a video model (F = frames > 1 temporal token positions) by frame
     top1_e                 tokens whose highest raw score is e       → top-1 share = max_e top1_e / N
     fanout_j               tokens that got j experts (0..E)          → experts per token, share with 0
     H_i = −Σ_e p_ie log p_ie / log E_s   normalised score entropy, 1 = uniform, where p_i is the
@@ -21,7 +22,8 @@ Every `every` steps the accumulator is copied into a pending list (still on the 
 one SUM across data-parallel ranks, moves them to the host once, and rank 0 appends them to
 RUN/routing/ and feeds the detectors. So a forward costs about sixty small kernels, whatever the
 depth, and no host sync.
-A few tokens per record (`token_samples`, rank 0's batch) keep their raw decisions (tokens.bin).
+A few tokens per record (`token_samples`, rank 0's batch) keep their raw decisions (tokens.bin), with
+their frame for a video model.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from moedit.config import Config, DiagnosticsConfig
 from moedit.diagnostics import record as rec
 from moedit.diagnostics.detectors import Detectors, describe, summary_lines
 from moedit.moe.experts import StackedExperts
-from moedit.moe.routing import Routing
+from moedit.moe.routing import Routing, RoutingContext
 
 
 def score_entropy(scores_NE: torch.Tensor, kind: str) -> torch.Tensor:
@@ -110,20 +112,26 @@ def class_slots(num_classes: int, max_classes: int) -> list[str]:
 
 class RoutingMonitor:
     def __init__(self, cfg: DiagnosticsConfig, layers: list, blocks: list[int], depth: int, num_classes: int,
-                 run_dir: Path | None, start_step: int = 0, seed: int = 0, reduce_fn=None, log=print):
-        """`layers`: the model's MoELayers; `run_dir` None on ranks other than 0 (they only reduce)."""
+                 run_dir: Path | None, start_step: int = 0, seed: int = 0, reduce_fn=None, log=print,
+                 frames: int = 1):
+        """`layers`: the model's MoELayers; `run_dir` None on ranks other than 0 (they only reduce); `frames`:
+        the model's temporal token positions (RoutingContext.frames; 1 for images), fixed for the run."""
+        if frames < 1:
+            raise ValueError(f"frames must be ≥ 1, got {frames}")
         self.cfg, self.layers, self.reduce_fn, self.log, self.seed = cfg, layers, reduce_fn, log, seed
         self.device = next(layers[0].parameters()).device
         self.E = layers[0].experts.num_experts
         self.num_classes = num_classes
         slots = class_slots(num_classes, cfg.max_classes)
         self.C, self.T, self.K = len(slots), cfg.t_buckets, min(rec.TOKEN_SLOTS, self.E)
+        self.F = frames
+        self._frame_N: dict[tuple[int, int], torch.Tensor] = {}  # (B, L) -> each token's frame, built once
         kinds = [layer.cfg.router.score or "softmax" for layer in layers]
         self.score_kind = kinds[0]  # every MoE layer is built from the one model.moe.router config
         self._layer_Y1 = torch.arange(len(layers), device=self.device)[:, None]
         self.header = rec.make_header(blocks, depth, self.E, kinds, cfg.t_buckets, num_classes, slots, cfg.every,
-                                      self.K)
-        self._fields = [f for f in rec.record_fields(len(layers), self.E, self.T, self.C) if f[1] == "<f4"]
+                                      self.K, frames)
+        self._fields = [f for f in rec.record_fields(len(layers), self.E, self.T, self.C, self.F) if f[1] == "<f4"]
         sizes = [int(np.prod(shape)) for _, _, shape in self._fields]
         self._acc = torch.zeros(sum(sizes), device=self.device)
         self.acc = {name: view.view(shape) for (name, _, shape), view in zip(self._fields, self._acc.split(sizes))}
@@ -162,6 +170,10 @@ class RoutingMonitor:
     @torch.no_grad()
     def observe_model(self, model) -> None:
         ctx = model.last_context
+        frames = getattr(ctx, "frames", 1)
+        if frames != self.F:
+            raise ValueError(f"routing monitor: the model's context has frames={frames} but the monitor was built for "
+                             f"frames={self.F} (the model's temporal token positions, fixed for a run)")
         self.observe([layer.last_routing for layer in self.layers], ctx.t_B, ctx.labels_B)
 
     @torch.no_grad()
@@ -171,12 +183,15 @@ class RoutingMonitor:
         L = N // B
         tb_N = (t_B.float() * self.T).long().clamp_(0, self.T - 1).repeat_interleave(L)
         cls_N = self._class_slot_B(labels_B, B).repeat_interleave(L)
+        frame_N = self._frames_N(B, L) if self.F > 1 else None
         a = self.acc
         a["tokens"].add_(N)
         a["tokens_T"].index_add_(0, tb_N, self._ones_n(N))
         a["tokens_C"].index_add_(0, cls_N, self._ones_n(N))
+        if frame_N is not None:
+            a["tokens_F"].index_add_(0, frame_N, self._ones_n(N))
         flat = flatten_routings(routings)
-        self._add_loads(flat, tb_N, cls_N, N)
+        self._add_loads(flat, tb_N, cls_N, N, frame_N)
         if all(r.scores_NE is not None for r in routings):
             self._add_scores(torch.stack([r.scores_NE for r in routings]), tb_N)
         if self.writer is not None and self.cfg.token_samples and self._step % self.cfg.every == 0:
@@ -190,13 +205,25 @@ class RoutingMonitor:
         labels_B = labels_B.long()
         return torch.where(labels_B >= self.num_classes, null, labels_B.clamp(max=kept))
 
-    def _add_loads(self, flat, tb_N: torch.Tensor, cls_N: torch.Tensor, N: int) -> None:
+    def _frames_N(self, B: int, L: int) -> torch.Tensor:
+        """Each of the B·L tokens' frame (tokens in (frame, row, column) order, as RoutingContext.frame_L)."""
+        if (B, L) not in self._frame_N:
+            if L % self.F:
+                raise ValueError(f"routing monitor: {L} tokens per sample do not split into frames={self.F} frames")
+            frame_L = RoutingContext(batch=B, seq_len=L, frames=self.F).frame_L(self.device)
+            self._frame_N[(B, L)] = frame_L.repeat(B)
+        return self._frame_N[(B, L)]
+
+    def _add_loads(self, flat, tb_N: torch.Tensor, cls_N: torch.Tensor, N: int,
+                   frame_N: torch.Tensor | None = None) -> None:
         a, Y, E, T, C = self.acc, len(self.layers), self.E, self.T, self.C
         layer_A, token_A, expert_A, weight_A = flat
         ones_A = self._ones_n(token_A.shape[0])
         a["load_YE"].view(-1).index_add_(0, layer_A * E + expert_A, ones_A)
         a["load_YTE"].view(-1).index_add_(0, (layer_A * T + tb_N[token_A]) * E + expert_A, ones_A)
         a["load_YCE"].view(-1).index_add_(0, (layer_A * C + cls_N[token_A]) * E + expert_A, ones_A)
+        if frame_N is not None:
+            a["load_YFE"].view(-1).index_add_(0, (layer_A * self.F + frame_N[token_A]) * E + expert_A, ones_A)
         a["weight_Y"].index_add_(0, layer_A, weight_A)
         per_token_YN = torch.zeros(Y * N, device=self.device).index_add_(0, layer_A * N + token_A, ones_A)
         bin_YN = per_token_YN.view(Y, N).long().clamp_(max=E) + self._layer_Y1 * (E + 1)
@@ -222,7 +249,10 @@ class RoutingMonitor:
         label_S = labels_B[sample_S].long() if labels_B is not None else torch.full_like(sample_S, -1)
         columns = (self._layer_Y1, sample_S, token_S % L, label_S)  # broadcast to (Y, S)
         meta_YS4 = torch.stack([v.expand(Y, S) for v in columns], -1)
-        ints = torch.cat([meta_YS4, count_YS[..., None], expert_YSK], -1).view(Y * S, -1)
+        int_columns = [meta_YS4, count_YS[..., None], expert_YSK]
+        if self.F > 1:  # video: the token's frame, after the K expert slots
+            int_columns.append((token_S % L // (L // self.F)).expand(Y, S)[..., None])
+        ints = torch.cat(int_columns, -1).view(Y * S, -1)
         floats = torch.cat([t_B[sample_S].float().expand(Y, S)[..., None], weight_YSK], -1).view(Y * S, -1)
         self._step_tokens = (ints, floats)  # the last micro-batch's tokens win
 
@@ -287,7 +317,9 @@ class RoutingMonitor:
         out["step"] = np.concatenate([np.full(len(i), s) for s, i, _ in tokens])
         for j, name in enumerate(("layer", "sample", "position", "label", "count")):
             out[name] = ints[:, j]
-        out["expert_K"], out["t"], out["weight_K"] = ints[:, 5:], floats[:, 0], floats[:, 1:]
+        out["expert_K"], out["t"], out["weight_K"] = ints[:, 5 : 5 + self.K], floats[:, 0], floats[:, 1:]
+        if self.F > 1:
+            out["frame"] = ints[:, 5 + self.K]
         return out
 
     def close(self) -> dict | None:
@@ -326,5 +358,7 @@ def build_monitor(cfg: Config, model, run_dir: Path, start_step: int, reduce_fn=
         return NullMonitor()
     from moedit.models.dit import moe_block_indices
 
+    frames = getattr(model, "time_grid", None) or cfg.model.frames // cfg.model.temporal_patch
     return RoutingMonitor(cfg.diagnostics, layers, moe_block_indices(cfg.model), cfg.model.depth,
-                          cfg.model.num_classes, run_dir if is_main else None, start_step, cfg.seed, reduce_fn, log)
+                          cfg.model.num_classes, run_dir if is_main else None, start_step, cfg.seed, reduce_fn, log,
+                          frames=frames)

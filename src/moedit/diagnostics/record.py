@@ -1,7 +1,8 @@
 """The routing record: an append-only binary time series in RUN/routing/, readable with numpy memmap.
 
     routing/header.json   the layout: record and token dtypes (numpy field lists), the MoE layers'
-                          block indices, expert count, timestep bucket edges, class slot names
+                          block indices, expert count, timestep bucket edges, class slot names,
+                          and for a video model its frames (temporal token positions)
     routing/records.bin   one fixed-size record per `diagnostics.every` optimizer steps, appended
     routing/tokens.bin    sampled raw token decisions, one fixed-size row per (token, layer), appended
     routing/events.jsonl  detector events (deadlock / saturation start and end), one JSON per line
@@ -9,7 +10,10 @@
 
 Shape legend for the record fields: Y MoE layers (in block order), E routed experts, T timestep
 buckets, C class slots (labels 0..c−1, then "other" when the label set is capped, then "null"),
-J = E + 1 fan-out bins (tokens with 0..E experts), K token slots. Every float field is a *sum* over
+J = E + 1 fan-out bins (tokens with 0..E experts), K token slots, F frames (temporal token positions
+of a video model; the fields with F, `tokens_F` and `load_YFE`, the header's `frames` and the token
+rows' `frame` exist only when F > 1, so an image model's record is the one written before video
+models existed). Every float field is a *sum* over
 the record's steps, micro-batches and data-parallel ranks, so records add up and are all-reduced
 with one SUM; means are formed when read (`tokens`, `probes` are the denominators).
 
@@ -39,9 +43,11 @@ class DiagnosticsError(RuntimeError):
     """A run directory cannot be diagnosed; the message says why and what to do."""
 
 
-def record_fields(Y: int, E: int, T: int, C: int) -> list[tuple[str, str, tuple[int, ...]]]:
+def record_fields(Y: int, E: int, T: int, C: int, F: int = 1) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, numpy type, shape) of one record; see the module docstring for the legend."""
     f4 = "<f4"
+    by_frame = [("tokens_F", f4, (F,)),  # tokens per frame (token l of a sample is in frame l // (L / F))
+                ("load_YFE", f4, (Y, F, E))] if F > 1 else []  # assignments per (frame, expert)
     return [
         ("step", "<i4", ()),  # last optimizer step in the record (1-based, as metrics.jsonl)
         ("steps", "<i4", ()),  # optimizer steps summed into it
@@ -58,17 +64,17 @@ def record_fields(Y: int, E: int, T: int, C: int) -> list[tuple[str, str, tuple[
         ("weight_Y", f4, (Y,)),  # Σ over assignments of the combine weight
         ("probe_cos_Y", f4, (Y,)),  # Σ over probes of the experts' mean pairwise output cosine
         ("probes", f4, ()),  # probes summed (0 in a record without one)
-    ]
+    ] + by_frame
 
 
-def token_fields(K: int) -> list[tuple[str, str, tuple[int, ...]]]:
+def token_fields(K: int, F: int = 1) -> list[tuple[str, str, tuple[int, ...]]]:
     return [
         ("step", "<i4", ()), ("layer", "<i4", ()), ("sample", "<i4", ()), ("position", "<i4", ()),
         ("t", "<f4", ()), ("label", "<i4", ()),
         ("count", "<i4", ()),  # experts the token got (may exceed K; the K highest weights are kept)
         ("expert_K", "<i4", (K,)),  # −1 = empty slot
         ("weight_K", "<f4", (K,)),
-    ]
+    ] + ([("frame", "<i4", ())] if F > 1 else [])  # video: the token's frame (temporal position)
 
 
 def to_dtype(fields: list) -> np.dtype:
@@ -76,15 +82,17 @@ def to_dtype(fields: list) -> np.dtype:
 
 
 def make_header(blocks: list[int], depth: int, num_experts: int, score_kinds: list[str], t_buckets: int,
-                num_classes: int, class_slots: list[str], every: int, token_slots: int) -> dict:
-    Y, E, T, C = len(blocks), num_experts, t_buckets, len(class_slots)
+                num_classes: int, class_slots: list[str], every: int, token_slots: int, frames: int = 1) -> dict:
+    """`frames` (temporal token positions) is stored only when > 1: an image model's header is unchanged, so
+    a run recorded before video models existed resumes into its own record."""
+    Y, E, T, C, F = len(blocks), num_experts, t_buckets, len(class_slots), frames
     return {
         "format": FORMAT, "version": VERSION,
         "blocks": blocks, "depth": depth, "num_experts": E, "score_kinds": score_kinds,
         "t_edges": [i / T for i in range(T + 1)], "num_classes": num_classes, "class_slots": class_slots,
-        "every": every,
-        "record_fields": [[n, k, list(s)] for n, k, s in record_fields(Y, E, T, C)],
-        "token_fields": [[n, k, list(s)] for n, k, s in token_fields(token_slots)],
+        "every": every, **({"frames": F} if F > 1 else {}),
+        "record_fields": [[n, k, list(s)] for n, k, s in record_fields(Y, E, T, C, F)],
+        "token_fields": [[n, k, list(s)] for n, k, s in token_fields(token_slots, F)],
     }
 
 
@@ -266,6 +274,17 @@ class RoutingRecord:
     def blocks(self) -> list[int]:
         return self.header["blocks"]
 
+    @property
+    def frames(self) -> int:
+        """Temporal token positions: 1 for image models and for records written before video models."""
+        return frames_of(self.header, self.records)
+
+
+def frames_of(header: dict, records: np.ndarray) -> int:
+    """F of a record: > 1 only for a video run whose records hold load_YFE (an older record has none)."""
+    has_fields = records.dtype.names is not None and "load_YFE" in records.dtype.names
+    return int(header.get("frames", 1)) if has_fields else 1
+
 
 # ----------------------------------------------------------------------------- derived series
 
@@ -311,3 +330,19 @@ def experts_per_token_RY(records: np.ndarray) -> np.ndarray:
 def zero_expert_share_RY(records: np.ndarray) -> np.ndarray:
     """Share of tokens that got no routed expert (expert choice, race and DiffMoE allow it)."""
     return ratio(records["fanout_YJ"][..., 0], records["tokens"][:, None])
+
+
+def frame_share_RYFE(records: np.ndarray) -> np.ndarray:
+    """Each (frame, expert)'s share of the layer's assignments (sums to 1 over F×E); uniform = 1/(F·E)."""
+    load = records["load_YFE"].astype(np.float64)
+    return ratio(load, load.sum((-2, -1), keepdims=True))
+
+
+def frame_tv_RYF(records: np.ndarray) -> np.ndarray:
+    """Total-variation distance ½ Σ_e |q_fe − p_e| between frame f's expert distribution q_f (its
+    assignments' shares) and the layer's distribution p over all frames: 0 = the frame routes like the
+    layer, 1 = disjoint experts. NaN for a frame without assignments."""
+    load = records["load_YFE"].astype(np.float64)
+    q = ratio(load, load.sum(-1, keepdims=True))
+    p = ratio(load.sum(-2), load.sum((-2, -1))[..., None])[..., None, :]
+    return 0.5 * np.abs(q - p).sum(-1)  # NaN rows stay NaN

@@ -8,6 +8,12 @@ Figures (RUN/diagnostics/, matplotlib Agg backend):
                         score entropy by bucket (the last quarter of the record)
 - class_routing.png     per layer, expert share within each class slot, null class included (same window)
 - saturation.png        score entropy and the experts' mean output cosine (probes) over training
+- depth_statistics.png  the per-layer table's statistics against block index (thirds shaded): top-1
+                        share, most / least loaded share, tokens with 0 experts, score entropy, probe
+                        cosine; for video runs also each layer's largest frame deviation
+- load_by_frame.png     video runs (F > 1 frames) only: per layer, each (frame, expert)'s share of the
+                        layer's assignments (the last quarter); report.md lists per layer the largest
+                        total-variation distance of a frame's expert distribution from the layer's
 
 Long records are shown in at most `MAX_BINS` time bins: the counts of consecutive records are summed,
 so a bin's share is the share of everything routed in it.
@@ -32,12 +38,19 @@ MAX_BINS = 400
 TAIL = 0.25  # per-timestep and per-class tables use the last quarter of the record
 COUNT_FIELDS = ("tokens", "tokens_T", "tokens_C", "load_YE", "load_YTE", "load_YCE", "top1_YE", "fanout_YJ",
                 "entropy_Y", "entropy_YT", "weight_Y", "probe_cos_Y", "probes", "steps")
+FRAME_FIELDS = ("tokens_F", "load_YFE")  # video records only
+FRAME_TV_NOTE = 0.1  # a layer whose largest frame deviation reaches this is named in the report's text
+
+
+def count_fields(records: np.ndarray) -> tuple[str, ...]:
+    return COUNT_FIELDS + tuple(f for f in FRAME_FIELDS if f in (records.dtype.names or ()))
 
 
 def bin_records(records: np.ndarray, max_bins: int = MAX_BINS) -> dict[str, np.ndarray]:
     """Sums of consecutive records in at most max_bins groups; `step` is each group's last step."""
     starts = np.unique(np.linspace(0, len(records), min(max_bins, len(records)), endpoint=False).astype(int))
-    out = {name: np.add.reduceat(np.asarray(records[name], np.float64), starts, axis=0) for name in COUNT_FIELDS}
+    out = {name: np.add.reduceat(np.asarray(records[name], np.float64), starts, axis=0)
+           for name in count_fields(records)}
     out["step"] = np.asarray(records["step"])[np.r_[starts[1:] - 1, len(records) - 1]]
     return out
 
@@ -49,7 +62,7 @@ def tail(records: np.ndarray, fraction: float = TAIL) -> np.ndarray:
 def collapse(records: np.ndarray) -> np.ndarray:
     """One record holding the sums of all of them (its step is the last one's)."""
     out = np.zeros(1, records.dtype)
-    for name in COUNT_FIELDS:
+    for name in count_fields(records):
         out[name] = records[name].sum(0)
     out["step"] = records["step"][-1]
     return out
@@ -128,12 +141,7 @@ def plot_depth_profile(records: np.ndarray, header: dict, summary: dict | None, 
     above_Y = np.nanmean(np.where(np.isnan(share_RY), np.nan, share_RY >= threshold), axis=0)
     detected = {d["layer"] for d in (summary or {}).get("deadlock", [])}
     fig, ax = plt.subplots(figsize=(max(5.5, 0.5 * depth + 2), 4))
-    shades = {"shallow": "#dbe9f6", "middle": "#f2f2f2", "deep": "#fbe3d6"}
-    for name in THIRDS:
-        in_third = [b for b in range(depth) if depth_third(b, depth) == name]
-        if in_third:
-            ax.axvspan(in_third[0] - 0.5, in_third[-1] + 0.5, color=shades[name], zorder=0)
-            ax.text((in_third[0] + in_third[-1]) / 2, 1.04, name, ha="center", fontsize=8)
+    _shade_thirds(ax, depth, label_y=1.04)
     colors = ["crimson" if y in detected else "gray" for y in range(len(blocks))]
     ax.bar(blocks, above_Y, color=colors, width=0.6)
     ax.plot(blocks, np.nanmean(rec.top1_share_RY(tail(records)), axis=0), "ko", ms=4)
@@ -186,6 +194,67 @@ def plot_timestep_profile(window: dict, header: dict, steps: str, path: Path) ->
     return _save(fig, path)
 
 
+def _shade_thirds(ax, depth: int, label_y: float | None = None) -> None:
+    shades = {"shallow": "#dbe9f6", "middle": "#f2f2f2", "deep": "#fbe3d6"}
+    for name in THIRDS:
+        in_third = [b for b in range(depth) if depth_third(b, depth) == name]
+        if in_third:
+            ax.axvspan(in_third[0] - 0.5, in_third[-1] + 0.5, color=shades[name], zorder=0)
+            if label_y is not None:
+                ax.text((in_third[0] + in_third[-1]) / 2, label_y, name, ha="center", fontsize=8)
+
+
+def plot_depth_statistics(window_records: np.ndarray, header: dict, thresholds: dict, steps: str, path: Path,
+                          frame_tv_Y: np.ndarray | None = None) -> Path:
+    """The per-layer table's statistics against block index, so a depth profile (U shape) can be read off."""
+    stats, blocks, depth = layer_stats(window_records, header), header["blocks"], header["depth"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, 0.5 * depth + 6), 4.6), layout="constrained")
+    for ax in (left, right):
+        _shade_thirds(ax, depth, label_y=1.1)
+    for name, style in (("top-1 share", "ko-"), ("most loaded", "^-"), ("least loaded", "v-"),
+                        ("tokens with 0 experts", "x:")):
+        left.plot(blocks, stats[name], style, ms=5, lw=1.2, label=name)
+    if frame_tv_Y is not None:
+        left.plot(blocks, frame_tv_Y, "s--", color="purple", ms=5, lw=1.2, label="largest frame deviation (TV)")
+    left.axhline(thresholds["deadlock_share"], color="red", ls="--", lw=1, label="deadlock threshold")
+    left.axhline(1 / header["num_experts"], color="gray", ls=":", lw=1, label="uniform 1/E")
+    left.set(xlim=(-0.5, depth - 0.5), ylim=(0, 1.16), xticks=range(depth), xlabel="block index", ylabel="share",
+             title="Load, top-1 share" + (", frame deviation" if frame_tv_Y is not None else ""))
+    right.plot(blocks, stats["score entropy"], "o-", color="tab:blue", ms=5, lw=1.2, label="score entropy")
+    right.plot(blocks, stats["expert cosine (last probe)"], "s-", color="tab:green", ms=5, lw=1.2,
+               label="expert cosine (last probe)")
+    right.axhline(thresholds["saturation_entropy"], color="tab:blue", ls="--", lw=1, label="entropy threshold")
+    right.axhline(thresholds["saturation_cosine"], color="tab:green", ls="--", lw=1, label="cosine threshold")
+    right.set(xlim=(-0.5, depth - 0.5), ylim=(-0.2, 1.16), xticks=range(depth), xlabel="block index",
+              ylabel="value", title="Saturation indicators")
+    for ax in (left, right):
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    fig.suptitle(f"Routing statistics by depth (MoE layers only), steps {steps}")
+    return _savefig(fig, path)
+
+
+def plot_frame_heatmaps(window: np.ndarray, header: dict, steps: str, path: Path) -> Path:
+    """Video runs: per layer, frame × expert share of the layer's assignments (one collapsed record)."""
+    share_YFE = rec.frame_share_RYFE(window)[0]
+    tv = frame_stats(window)
+    Y, F, E = share_YFE.shape
+    vmax = float(np.nanmax(share_YFE)) if np.isfinite(share_YFE).any() else 1.0
+    fig, axes = _grid(Y, height=min(0.22 * F, 5.0) + 1.9)
+    tick = max(1, -(-F // 16))
+    for y, ax in enumerate(axes):
+        im = ax.imshow(share_YFE[y], aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+        deviation = (f"max frame TV {tv['max_tv'][y]:.2f} (frame {int(tv['frame'][y])})"
+                     if np.isfinite(tv["max_tv"][y]) else "no assignments")
+        ax.set(title=_layer_title(y, header["blocks"], header["depth"]) + "\n" + deviation, xlabel="expert",
+               ylabel="frame", yticks=range(0, F, tick), xticks=range(0, E, max(1, -(-E // 16))))
+        ax.title.set_fontsize(9)
+        ax.tick_params(labelsize=7)
+    fig.colorbar(im, ax=list(axes), label="share of the layer's assignments", shrink=0.9)
+    fig.suptitle(f"Expert load by frame, steps {steps}: {F} frames, uniform = 1/(F·E) = {1 / (F * E):.3f}; "
+                 "rows that differ = frame-specialised routing")
+    return _savefig(fig, path)
+
+
 def plot_saturation(binned: dict, header: dict, thresholds: dict, path: Path) -> Path:
     entropy_RY = rec.ratio(binned["entropy_Y"], binned["tokens"][:, None])
     cos_RY = rec.ratio(binned["probe_cos_Y"], binned["probes"][:, None])
@@ -212,33 +281,88 @@ def _fmt(value: float, pct: bool = False) -> str:
     return f"{value:.1%}" if pct else f"{value:.3f}"
 
 
-def layer_table(records: np.ndarray, header: dict) -> list[str]:
-    """One row per MoE layer over the given records (their counts summed)."""
+PCT_STATS = {"top-1 share", "most loaded", "least loaded", "tokens with 0 experts"}
+
+
+def layer_stats(records: np.ndarray, header: dict) -> dict[str, np.ndarray]:
+    """Per MoE layer over the given records (their counts summed): the per-layer table's columns, in order."""
     total = collapse(records)
     probed = records[records["probes"] > 0]
     cos_Y = rec.probe_cos_RY(probed)[-1] if len(probed) else np.full(len(header["blocks"]), np.nan)
     share_YE = rec.load_share_RYE(total)[0]
-    columns = [(rec.top1_share_RY(total)[0], True), (share_YE.max(-1), True), (share_YE.min(-1), True),
-               (rec.entropy_RY(total)[0], False), (rec.weight_mean_RY(total)[0], False),
-               (rec.experts_per_token_RY(total)[0], False), (rec.zero_expert_share_RY(total)[0], True), (cos_Y, False)]
-    rows = ["| layer | block | third | top-1 share | most loaded | least loaded | score entropy | mean weight | "
-            "experts/token | tokens with 0 experts | expert cosine (last probe) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    return {"top-1 share": rec.top1_share_RY(total)[0], "most loaded": share_YE.max(-1),
+            "least loaded": share_YE.min(-1), "score entropy": rec.entropy_RY(total)[0],
+            "mean weight": rec.weight_mean_RY(total)[0], "experts/token": rec.experts_per_token_RY(total)[0],
+            "tokens with 0 experts": rec.zero_expert_share_RY(total)[0], "expert cosine (last probe)": cos_Y}
+
+
+def layer_table(records: np.ndarray, header: dict) -> list[str]:
+    """One row per MoE layer over the given records (their counts summed)."""
+    stats = layer_stats(records, header)
+    rows = ["| layer | block | third | " + " | ".join(stats) + " |", "|---|---|---|" + "---|" * len(stats)]
     for y, b in enumerate(header["blocks"]):
-        cells = " | ".join(_fmt(values[y], pct) for values, pct in columns)
+        cells = " | ".join(_fmt(values[y], name in PCT_STATS) for name, values in stats.items())
         rows.append(f"| {y} | {b} | {depth_third(b, header['depth'])} | {cells} |")
     return rows
+
+
+def frame_stats(window: np.ndarray) -> dict[str, np.ndarray]:
+    """Per layer over one collapsed record of a video run: the largest frame deviation (TV distance), its
+    frame (−1: none), the mean over frames, and the range of experts per token over frames. Frames without
+    assignments are left out (all of them: NaN)."""
+    tv_YF = rec.frame_tv_RYF(window)[0]
+    ok_YF = np.isfinite(tv_YF)
+    has_Y = ok_YF.any(-1)
+    filled_YF = np.where(ok_YF, tv_YF, -1.0)
+    per_token_YF = rec.ratio(window["load_YFE"][0].sum(-1), window["tokens_F"][0][None])
+    seen_YF = np.isfinite(per_token_YF)
+    lo = np.where(seen_YF, per_token_YF, np.inf).min(-1)
+    hi = np.where(seen_YF, per_token_YF, -np.inf).max(-1)
+    seen_Y = seen_YF.any(-1)
+    return {"max_tv": np.where(has_Y, filled_YF.max(-1), np.nan), "frame": np.where(has_Y, filled_YF.argmax(-1), -1),
+            "mean_tv": rec.ratio(np.where(ok_YF, tv_YF, 0.0).sum(-1), ok_YF.sum(-1)),
+            "per_token_min": np.where(seen_Y, lo, np.nan), "per_token_max": np.where(seen_Y, hi, np.nan)}
+
+
+def frame_section(window: np.ndarray, header: dict, span: str) -> list[str]:
+    """report.md's by-frame part for a video run: one sentence naming the most frame-specialised layer
+    (and every layer at or above FRAME_TV_NOTE), then one row per layer."""
+    F, stats, blocks = header["frames"], frame_stats(window), header["blocks"]
+    lines = [f"## Routing by frame, steps {span} (last quarter)", "",
+             f"Video run: {F} frames (temporal token positions). Frame deviation = total-variation distance "
+             "½ Σ_e |q_fe − p_e| between frame f's expert distribution q_f and the layer's over all frames p "
+             "(0: the frame routes like the layer, 1: disjoint experts; finite counts leave a small floor even "
+             "without any frame dependence).", ""]
+    if not np.isfinite(stats["max_tv"]).any():
+        return lines + ["No assignments in the window: no frame deviation.", ""]
+    y = int(np.nanargmax(stats["max_tv"]))
+    flagged = [f"{i} (block {blocks[i]}, {stats['max_tv'][i]:.3f})" for i in range(len(blocks))
+               if stats["max_tv"][i] >= FRAME_TV_NOTE]
+    lines.append(f"Largest frame deviation: MoE layer {y} (block {blocks[y]}, {depth_third(blocks[y], header['depth'])}"
+                 f"), frame {int(stats['frame'][y])}, TV {stats['max_tv'][y]:.3f}. "
+                 + (f"Layers with a frame deviation ≥ {FRAME_TV_NOTE} (frame-specialised): {', '.join(flagged)}."
+                    if flagged else f"No layer reaches {FRAME_TV_NOTE}: routing barely depends on the frame."))
+    lines += ["", "| layer | block | third | max frame deviation (TV) | at frame | mean over frames | "
+              "experts/token by frame (min–max) |", "|---|---|---|---|---|---|---|"]
+    for i, b in enumerate(blocks):
+        frame = int(stats["frame"][i])
+        lines.append(f"| {i} | {b} | {depth_third(b, header['depth'])} | {_fmt(stats['max_tv'][i])} | "
+                     f"{frame if frame >= 0 else '–'} | {_fmt(stats['mean_tv'][i])} | "
+                     f"{_fmt(stats['per_token_min'][i])}–{_fmt(stats['per_token_max'][i])} |")
+    return lines + [""]
 
 
 def token_table(tokens: np.ndarray, limit: int = 12) -> list[str]:
     if len(tokens) == 0:
         return ["No token decisions were sampled (diagnostics.token_samples=0)."]
     last = tokens[tokens["step"] == tokens["step"][-1]][:limit]
-    rows = ["| step | layer | sample | position | t | label | experts | chosen (weight) |",
-            "|---|---|---|---|---|---|---|---|"]
+    video = "frame" in tokens.dtype.names
+    rows = ["| step | layer | sample | position |" + (" frame |" if video else "") + " t | label | experts | "
+            "chosen (weight) |", "|---|---|---|---|" + ("---|" if video else "") + "---|---|---|---|"]
     for r in last:
         chosen = ", ".join(f"{e} ({w:.3f})" for e, w in zip(r["expert_K"], r["weight_K"]) if e >= 0)
-        rows.append(f"| {r['step']} | {r['layer']} | {r['sample']} | {r['position']} | {r['t']:.3f} | "
+        frame = f" {r['frame']} |" if video else ""
+        rows.append(f"| {r['step']} | {r['layer']} | {r['sample']} | {r['position']} |{frame} {r['t']:.3f} | "
                     f"{r['label']} | {r['count']} | {chosen or '–'} |")
     return rows
 
@@ -269,6 +393,15 @@ FIGURE_NOTES = [
      "guidance), each expert's share."),
     ("saturation.png", "Soft saturation", "score entropy and the experts' mean output cosine on the same "
      "tokens; both near their thresholds is the saturated, homogenised state."),
+    ("depth_statistics.png", "Routing statistics by depth", "the per-layer table against block index (last "
+     "quarter, thirds shaded): top-1 share, most and least loaded expert's share and tokens with 0 experts "
+     "(left), score entropy and last probe cosine (right); a U shape is high values at both ends. Video runs "
+     "also show each layer's largest frame deviation."),
+]
+VIDEO_FIGURE_NOTES = [
+    ("load_by_frame.png", "Load by frame", "per layer, each (frame, expert) cell's share of the layer's "
+     "assignments in the last quarter (rows: frames, uniform = 1/(F·E)); a layer whose rows differ routes by "
+     "frame, a row brighter or darker overall gets more or less compute."),
 ]
 
 
@@ -300,6 +433,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, warn=_w
     _share_heatmaps(window["load_YCE"][0], header["class_slots"], header, "class",
                     f"Expert share by class, steps {span}", out / "class_routing.png")
     plot_saturation(binned, header, thresholds, out / "saturation.png")
+    video = record.frames > 1
+    frame_tv_Y = frame_stats(window)["max_tv"] if video else None
+    plot_depth_statistics(window_records, header, thresholds, span, out / "depth_statistics.png", frame_tv_Y)
+    if video:
+        plot_frame_heatmaps(window, header, span, out / "load_by_frame.png")
     return atomic_write_text(out / "report.md", "\n".join(_markdown(run_dir, record, window_records, span)) + "\n")
 
 
@@ -312,8 +450,9 @@ def _default_thresholds() -> dict:
 
 
 def _markdown(run_dir, record: rec.RoutingRecord, window_records: np.ndarray, span: str) -> list[str]:
-    h, records = record.header, record.records
+    h, records, video = record.header, record.records, record.frames > 1
     lines = [f"# Routing diagnostics: {run_dir}", "",
+             (f"Video model, {record.frames} frames (temporal token positions). " if video else "") +
              f"{len(h['blocks'])} MoE layers (blocks {h['blocks']} of {h['depth']}), {h['num_experts']} routed "
              f"experts, scores {sorted(set(h['score_kinds']))}; {len(records)} records "
              f"(steps {int(records['step'][0]) - int(records['steps'][0]) + 1}-{int(records['step'][-1])}, "
@@ -325,8 +464,11 @@ def _markdown(run_dir, record: rec.RoutingRecord, window_records: np.ndarray, sp
     else:
         lines += [f"- {line}" for line in summary_lines(record.summary)] + [""]
     lines += _events_table(record.events) + ["", f"## Per layer, steps {span} (last quarter)", ""]
-    lines += layer_table(window_records, h) + ["", "## Figures", ""]
-    for name, title, note in FIGURE_NOTES:
+    lines += layer_table(window_records, h) + [""]
+    if video:
+        lines += frame_section(collapse(window_records), h, span)
+    lines += ["## Figures", ""]
+    for name, title, note in FIGURE_NOTES + (VIDEO_FIGURE_NOTES if video else []):
         lines += [f"### {title}", "", note, "", f"![{title}]({name})", ""]
     lines += ["## Sampled token decisions (last recorded step)", "",
               f"Label {h['num_classes']} is the null class (dropped for classifier-free guidance).", ""]
