@@ -18,7 +18,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=250, help="images per sampling batch (part of the settings)")
     p.add_argument("--metrics", help="comma-separated metric names (default: fd_lenet,kid_lenet,"
                    "precision_recall_lenet,class_accuracy); add fid for Inception FID (optional extra, slow on CPU); "
-                   "the ones already in OUT/eval.json are kept")
+                   "a video run: fd_lenet_frames,kid_lenet_frames,class_accuracy_frames,identity_stability,motion "
+                   "(docs/VIDEO.md); the ones already in OUT/eval.json are kept")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override sample settings (and train.device, train.threads), e.g. "
                         "--set sample.steps=20 sample.cfg_scale=1.5 train.threads=1")
@@ -26,9 +27,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from moedit.eval.evaluate import DEFAULT_METRICS, evaluate_run
+    from moedit.eval.evaluate import evaluate_run
 
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else DEFAULT_METRICS
+    # None: the run's defaults (an image run's DEFAULT_METRICS, a video run's eval/video.py ones)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     try:
         result = evaluate_run(
             args.run, n=args.n, seed=args.seed, raw=args.raw, checkpoint=args.checkpoint, out_dir=args.out,
@@ -47,7 +49,7 @@ def summary(r: dict) -> str:
     """One screen: the settings that make the numbers comparable, then the numbers."""
     interval = f", guidance interval {r['cfg_interval']}" if r["cfg_interval"] else ""
     lines = [
-        f"{r['dataset']} {r['split']} split ({r['n_reference']} images) vs N={r['n']} samples, seed {r['seed']}",
+        f"{r['dataset']} {r['split']} split ({_reference_size(r)}) vs N={r['n']} samples, seed {r['seed']}",
         f"checkpoint step {r['checkpoint_step']} ({r['weights']} weights): {r['checkpoint']}",
         f"sampler {r['sampler']}, {r['steps']} steps, guidance scale {r['cfg_scale']:g}{interval}; "
         f"{r['device']} {r['precision']}, torch {r['torch_version']}",
@@ -67,8 +69,22 @@ def summary(r: dict) -> str:
                      f"(k={pr['k']}, {pr['n_real']} real vs {pr['n_fake']} generated)")
     if "class_accuracy" in m:
         lines.append(f"  class accuracy      {m['class_accuracy']:.4f}")
+    if "fd_lenet_frames" in m:
+        lines.append(f"  FD-LeNet per frame  {m['fd_lenet_frames']:.3f}   (digit crops, moedit-internal, not FVD)")
+    if "kid_lenet_frames" in m:
+        k = m["kid_lenet_frames"]
+        lines.append(f"  KID-LeNet per frame {k['mean']:.5f} ± {k['std']:.5f}   "
+                     f"({k['subsets']} subsets of {k['subset_size']})")
     shown = {"fd_lenet", "kid_lenet", "precision_recall_lenet", "class_accuracy", "class_accuracy_per_class", "fid",
-             "fid_n_fake", "fid_n_ref", "fid_weights_sha256", "fid_preprocess"}
+             "fid_n_fake", "fid_n_ref", "fid_weights_sha256", "fid_preprocess", "fd_lenet_frames", "kid_lenet_frames",
+             "class_accuracy_frames_per_class"}
     lines += [f"  {name:<19} {value}" for name, value in m.items() if name not in shown]
-    lines.append(f"wrote {r['out_dir']}/eval.json and grid.png")
+    pictures = [f for key, f in r.get("files", {}).items() if key != "samples"] or ["grid.png"]
+    lines.append(f"wrote {r['out_dir']}/eval.json and {', '.join(pictures)}")
     return "\n".join(lines)
+
+
+def _reference_size(r: dict) -> str:
+    if "n_reference_frames" in r:  # a video evaluation
+        return f"{r['n_reference']} clips, {r['n_reference_frames']} frames"
+    return f"{r['n_reference']} images"

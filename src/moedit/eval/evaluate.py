@@ -261,7 +261,7 @@ def evaluate_run(
     out_dir: str | Path | None = None,
     batch_size: int = 250,
     overrides: Sequence[str] = (),
-    metrics: Sequence[str] = DEFAULT_METRICS,
+    metrics: Sequence[str] | None = None,
     split: str = "test",
     cache_dir: str | Path | None = None,
     round_n: bool = False,
@@ -274,11 +274,20 @@ def evaluate_run(
     `out_dir` defaults to RUN/eval/step_XXXXXXXX_n{n}_seed{seed}, with suffixes for raw weights and for
     sampler settings other than the run's. n must be a multiple of the classes unless `round_n` rounds it
     up (and says so through `log`). `cache_dir` (default $MOEDIT_CACHE or ~/.cache/moedit) keeps the
-    reference features; `on_batch(done, total)` runs after each sampled batch is cached."""
+    reference features; `on_batch(done, total)` runs after each sampled batch is cached. `metrics` defaults to
+    DEFAULT_METRICS; a video run (model.frames > 1) is evaluated by eval/video.py's evaluate_video_run
+    (per-frame metrics, identity stability, motion; docs/VIDEO.md) with the same arguments."""
     from moedit.device import autocast_dtype, resolve_device
     from moedit.objectives import build_objective
+    from moedit.eval import video
 
+    if video.is_video_run(run_dir, overrides):
+        return video.evaluate_video_run(run_dir, n=n, seed=seed, raw=raw, checkpoint=checkpoint, out_dir=out_dir,
+                                        batch_size=batch_size, overrides=overrides, metrics=metrics, split=split,
+                                        cache_dir=cache_dir, round_n=round_n, progress=progress, on_batch=on_batch,
+                                        log=log)
     log = log or (lambda msg: None)
+    metrics = DEFAULT_METRICS if metrics is None else metrics
     check_metrics(metrics)
     if batch_size < 1 or seed < 0:
         raise EvalError(f"batch_size must be at least 1 and seed at least 0, got {batch_size} and {seed}")

@@ -17,8 +17,9 @@ compute precision are part of what made the images, recorded in `EvalSettings` b
 and sampler settings.
 
 Cache: after every batch the finished prefix is written, atomically, to one .npz (`images` uint8
-(n_done, C, H, W), `labels` int64, `settings` the JSON of the EvalSettings that made them). A cache
-made under other settings is refused, never mixed in or overwritten.
+(n_done, C, H, W), or clips (n_done, C, T, H, W) for a video model, `labels` int64, `settings` the JSON
+of the EvalSettings that made them). A cache made under other settings is refused, never mixed in or
+overwritten.
 """
 
 from __future__ import annotations
@@ -142,14 +143,19 @@ def sample_for_eval(model: torch.nn.Module, objective, settings: EvalSettings, c
                     device: torch.device, amp_dtype: torch.dtype | None = None, progress: bool = False,
                     on_batch: Callable[[int, int], None] | None = None,
                     log: Callable[[str], None] | None = None, codec=None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, C, H, W), labels int64 (N,)), continuing from `cache_path` if it holds a prefix.
+    """(images uint8 (N, C, H, W), labels int64 (N,)), continuing from `cache_path` if it holds a prefix; a
+    video model (model.frames > 1) gives clips uint8 (N, C, T, H, W) the same way.
 
     `on_batch(done, total)` is called after each batch is safely in the cache (a hook for progress
     reporting, or for tests that interrupt a run)."""
     labels_N = class_balanced_labels(settings.n, settings.num_classes)
     m = model.cfg
-    channels, size = codec.pixel_shape(m.in_channels, m.image_size) if codec is not None else (m.in_channels, m.image_size)
-    images_N = np.zeros((settings.n, channels, size, size), dtype=np.uint8)
+    if getattr(m, "frames", 1) > 1:  # a video model: clips (C, T, H, W), in pixel space (video refuses codecs)
+        shape = tuple(model.input_shape())
+    else:
+        channels, size = codec.pixel_shape(m.in_channels, m.image_size) if codec is not None else (m.in_channels, m.image_size)
+        shape = (channels, size, size)
+    images_N = np.zeros((settings.n, *shape), dtype=np.uint8)
     cached = read_cache(cache_path, settings)
     done = 0 if cached is None else len(cached[0])
     if cached is not None:
