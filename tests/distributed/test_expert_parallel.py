@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = r'''
-import copy, json, sys, torch, torch.distributed as dist
+import copy, json, os, sys, torch, torch.distributed as dist
 from moedit.config import MoEConfig, RouterConfig, dataclass_from_dict
 from moedit.distributed.expert_parallel import shard_experts
 from moedit.distributed.mesh import build_meshes, expert_ranges
@@ -144,8 +144,14 @@ for name, (moe, ffn) in CASES.items():
 for craft in ("spread", "one_rank", "idle_rank"):
     results[f"crafted_{craft}/grouped"] = run_case(craft, {"router": {"name": "topk"}}, "mlp", "grouped", craft)
 if rank == 0:
-    json.dump(results, open(sys.argv[1], "w"), indent=1)
+    with open(sys.argv[1], "w") as f:
+        json.dump(results, f, indent=1)
+# both ranks done before either tears down; then leave without Python's teardown, where gloo's threads
+# occasionally abort the process ("terminate called without an active exception", seen once in CI)
+dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
 '''
 
 

@@ -286,7 +286,7 @@ def test_synthetic_deterministic_and_learnable():
 
 
 def test_build_dataset_synthetic_and_unknown():
-    assert set(DATASETS) == {"mnist", "fashion_mnist", "folder", "npz", "synthetic", "latents"}
+    assert set(DATASETS) == {"mnist", "fashion_mnist", "folder", "npz", "synthetic", "latents", "moving_mnist", "video_folder"}
     train = build_dataset(DataConfig(name="synthetic"))
     test = build_dataset(DataConfig(name="synthetic", split="test"))
     assert isinstance(train, ImageDataset) and len(train) == 2048 and len(test) == 512
