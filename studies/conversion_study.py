@@ -8,7 +8,7 @@ token-choice MoE with a linear, an MLP and a cross-attention gate, fine-tune eac
     PYTHONPATH=src python studies/conversion_study.py --variant nobalance --set train.aux_weights.balance=0
 
 Every stage is the user-facing command line, printed before it runs (docs/CONVERSION_STUDY.md):
-  1. moedit train -c configs/dense_quickstart.yaml                            (dense source; video:
+  1. moedit train -c configs/dense_quickstart.yaml --resume-or-start          (dense source; video:
                                                     configs/dense_video_quickstart.yaml)
   2. moedit convert runs/dense_quickstart --out RUN_ROOT/<gate> --moe configs/study/convert_moe.yaml
          --set model.moe.router.gate=<gate> --verify                         (8 full copies, top-2 normalised)
@@ -189,7 +189,8 @@ def main() -> int:
     if args.variant and not args.set:
         p.error("--variant names a change: give it with --set")
     if not trained(ROOT / dense):
-        moedit("train", "-c", dense_config, "--set", f"train.out_dir={dense}")
+        # --resume-or-start: an interrupted dense run continues from its last checkpoint
+        moedit("train", "-c", dense_config, "--resume-or-start", "--set", f"train.out_dir={dense}")
     dense_eval = evaluate(ROOT / dense)
     result = {
         "command": "python studies/conversion_study.py " + " ".join(sys.argv[1:]),
