@@ -1,5 +1,6 @@
 """Full vs factorised attention in the video quickstart at equal wall time: which samples better for the same
-CPU time (docs/VIDEO.md, "Full or factorised attention"; speed and memory alone: benchmarks/video_attention.py).
+CPU time (docs/VIDEO.md, "Full vs factorised attention: sample quality at equal wall time"; speed and memory
+alone: benchmarks/video_attention.py).
 
     PYTHONPATH=src python studies/video_attention_quality.py            # about 25 min on 2 idle cores
     PYTHONPATH=src python studies/video_attention_quality.py --n 500 --steps 1000
@@ -77,7 +78,15 @@ def evaluate(run: Path, step: int, n: int) -> dict:
 def row(attention: str, cut: str, step: int, wall_s: float, report: dict) -> dict:
     metrics = report["metrics"]
     return {"attention": attention, "cut": cut, "step": step, "wall_s": round(wall_s, 1),
-            "metrics": {k: metrics[k] for k in SHOWN if k in metrics}, "eval_dir": report["out_dir"]}
+            "metrics": {k: metrics[k] for k in SHOWN if k in metrics}, "eval_dir": relative(report["out_dir"])}
+
+
+def relative(path: str) -> str:
+    """A path inside the checkout as the user would type it there; any other as given."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
 
 
 def fmt(value) -> str:
@@ -102,7 +111,7 @@ def markdown(result: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1000, help="training steps of both runs (default: the quickstart's)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps of both runs (default 1000)")
     p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint interval: the granularity of the cut")
     p.add_argument("--n", type=int, default=200, help="clips per evaluation")
     p.add_argument("--run-root", default="runs/video_attention_quality")
