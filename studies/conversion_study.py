@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moedit.config import from_dict, load_config, load_yaml, to_dict
 from moedit.diagnostics import record as rec
 from moedit.diagnostics.report import tail
 from moedit.objectives import build_objective
@@ -61,6 +62,31 @@ def moedit(*args: str) -> None:
 
 def trained(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file()
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted.key: value}."""
+    out = {}
+    for key, value in tree.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def stale_source(dense: Path, dense_config: str) -> str | None:
+    """None when the dense run in `dense` (if any) was made by `dense_config` as it is now, else why not: a run
+    left by an earlier version of the config would silently make every conversion a different study's."""
+    if not (ROOT / dense / "config.yaml").is_file():
+        return None
+    want = flat(to_dict(load_config(ROOT / dense_config, [f"train.out_dir={dense}"])))
+    have = flat(to_dict(from_dict(load_yaml(ROOT / dense / "config.yaml"))))
+    changed = [f"{k}: run {have.get(k)!r}, config {want.get(k)!r}" for k in sorted(set(want) | set(have))
+               if want.get(k) != have.get(k)]
+    if not changed:
+        return None
+    return (f"{dense} was trained with a different config than {dense_config} is now ("
+            + "; ".join(changed[:6]) + (f"; {len(changed) - 6} more" if len(changed) > 6 else "")
+            + f"). Move it aside (mv {dense} {dense}_old) and rerun to train the study's source, or pass "
+            f"--dense {dense} to convert it as it is.")
 
 
 def evaluate(run_dir: Path) -> dict:
@@ -188,6 +214,9 @@ def main() -> int:
     args.out = args.out or str(ROOT / "studies" / "results" / name)
     if args.variant and not args.set:
         p.error("--variant names a change: give it with --set")
+    problem = None if args.dense else stale_source(dense, dense_config)
+    if problem:
+        p.error(problem)
     if not trained(ROOT / dense):
         # --resume-or-start: an interrupted dense run continues from its last checkpoint
         moedit("train", "-c", dense_config, "--resume-or-start", "--set", f"train.out_dir={dense}")
