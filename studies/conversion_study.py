@@ -45,6 +45,7 @@ from moedit.runs import open_run
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_routers import held_out  # noqa: E402  (same held-out protocol as the router comparison)
+from study_results import write_results  # noqa: E402
 
 GATES = ["linear", "mlp", "cross_attn"]
 # domain -> (dense config, dense run, run root, results name)
@@ -230,11 +231,7 @@ def main() -> int:
         "overrides": args.set,
         "runs": [run_gate(g, dense, run_root, args.finetune_steps, args.set, args.variant) for g in args.gates],
     }
-    out = Path(args.out + (f"_{args.variant}" if args.variant else ""))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(Path(args.out + (f"_{args.variant}" if args.variant else "")), result, markdown(result))
     return 0
 
 

@@ -18,7 +18,6 @@ are then trained to the end and each is checked for a clean exit with all of ran
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -35,6 +34,7 @@ from safetensors.torch import load_file
 from moedit.diagnostics.record import RoutingRecord
 from moedit.train import checkpoint as ckpt
 from moedit.train.metrics import read_metrics
+from study_results import write_results
 
 SRC = Path(__file__).parents[1] / "src"
 FILES = ("model.safetensors", "ema.safetensors", "trainer.safetensors")
@@ -193,11 +193,7 @@ def main() -> int:
         if args.torchrun_runs:
             r.update(torchrun_ends(Path(tmp), args.torchrun_runs))
     machine = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine, **r}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(r, machine))
-    print(markdown(r, machine))
+    write_results(Path(args.out), {"machine": machine, **r}, markdown(r, machine))
     failed = r["problems"] or not r["final_matches_uninterrupted"] or r.get("torchrun_failures")
     return 1 if failed else 0
 

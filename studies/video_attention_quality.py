@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 import torch
+from study_results import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/video_quickstart.yaml"
@@ -132,11 +133,7 @@ def main() -> int:
     result = {"command": "python studies/video_attention_quality.py " + " ".join(sys.argv[1:]),
               "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "steps": args.steps, "n": args.n, "budget_s": walls[fast], "budget_from": fast, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(Path(args.out), result, markdown(result))
     return 0
 
 
