@@ -90,9 +90,10 @@ def stale_source(dense: Path, dense_config: str) -> str | None:
             f"--dense {dense} to convert it as it is.")
 
 
-def evaluate(run_dir: Path) -> dict:
-    """Held-out loss (and eval routing, and the shared expert's output share) of the run's latest EMA weights."""
-    run = open_run(run_dir)
+def evaluate(run_dir: Path, checkpoint: Path | None = None) -> dict:
+    """Held-out loss (and eval routing, and the shared expert's output share) of the run's EMA weights at
+    `checkpoint` (default: its latest)."""
+    run = open_run(run_dir, checkpoint)
     model = run.load_model("ema")
     torch.manual_seed(0)
     with shared_output_share(model) as share:
@@ -122,7 +123,7 @@ def shared_output_share(model):
         layer.shared.forward_all = shared_all
         undo += [lambda _l=layer: delattr(_l.shared, "forward_all"), layer.register_forward_hook(total).remove]
     try:
-        yield lambda: [round(s / t, 4) if t else None for s, t in sums]
+        yield lambda: [float(f"{s / t:.3g}") if t else None for s, t in sums]
     finally:
         for fn in undo:
             fn()
@@ -161,11 +162,27 @@ def run_gate(gate: str, dense: Path, run_root: Path, finetune_steps: int | None,
     conversion = json.loads((out / "conversion.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     return {"gate": gate, "run": str(out), "verification": conversion.get("verification"),
-            "train_wall_s": summary.get("train_wall_s"), **evaluate(out), "routing": routing_tail(out)}
+            "train_wall_s": summary.get("train_wall_s"), **evaluate(out), **shared_at_conversion(out),
+            "routing": routing_tail(out)}
+
+
+def shared_at_conversion(run_dir: Path) -> dict:
+    """The shared expert's output share in the converted model before fine-tuning (its step-0 checkpoint), so
+    that the table shows how far fine-tuning grew it from Law 2's noise."""
+    start = run_dir / "checkpoints" / "step_00000000"
+    if not start.is_dir():
+        return {}
+    return {"shared_share_start": evaluate(run_dir, start).get("shared_share")}
 
 
 def fmt_layers(values: list[float | None], spec: str = ".2f") -> str:
     return " / ".join("–" if v is None or v != v else format(v, spec) for v in values)
+
+
+def shared_growth(run: dict) -> str:
+    end = fmt_layers(run.get("shared_share") or [], ".2g")
+    start = run.get("shared_share_start")
+    return f"{fmt_layers(start, '.2g')} → {end}" if start else end
 
 
 def markdown(result: dict) -> str:
@@ -176,7 +193,7 @@ def markdown(result: dict) -> str:
              f"Dense source: {result['dense']['run']}, held-out loss {result['dense']['held_out_loss']:.4f}.", "",
              "| gate | verify max \\|Δ\\| | held-out loss | top-1 share per layer | score entropy per layer | "
              "expert cosine per layer (first probe → last quarter) | least-loaded expert's share | "
-             "shared expert's output share | events |",
+             "shared expert's output share (converted → fine-tuned) | events |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         g = r["routing"]
@@ -188,7 +205,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['gate']} | {r['verification']['max_abs']:.2g} | {r['held_out_loss']:.4f} | "
                      f"{fmt_layers(g['top1_share'])} | {fmt_layers(g['entropy'])} | {first} → "
                      f"{fmt_layers(g['cosine'])} | {fmt_layers(g['minority_share'])} | "
-                     f"{fmt_layers(r.get('shared_share') or [], '.2g')} | {events} |")
+                     f"{shared_growth(r)} | {events} |")
     lines += ["", "Per-layer values are MoE layers in block order (blocks "
               f"{result['runs'][0]['routing']['blocks'] if result['runs'] else []}), "
               "averaged over the last quarter of the fine-tuning record. Full reports: RUN/diagnostics/report.md."]
