@@ -37,8 +37,8 @@ bench: env
 conversion-study: env
 	$(PY) studies/conversion_study.py
 
-# The same study on video (docs/VIDEO.md): the dense video quickstart on Moving MNIST, converted and diagnosed.
-# Resumable: a stage whose output exists is skipped.
+# The same study on video (docs/VIDEO.md): the dense video quickstart on Moving MNIST, converted and diagnosed
+# (~45 min on a 2-core CPU). Resumable: a stage whose output exists is skipped.
 video-conversion-study: env
 	$(PY) studies/conversion_study.py --domain video
 
