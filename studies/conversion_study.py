@@ -244,7 +244,8 @@ def main() -> int:
         "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                   f"Python {platform.python_version()}",
         "domain": args.domain,
-        "dense": {"run": str(dense), "held_out_loss": dense_eval["held_out_loss"]},
+        "dense": {"run": str(dense), "held_out_loss": dense_eval["held_out_loss"],
+                  "train_wall_s": json.loads((ROOT / dense / "summary.json").read_text()).get("train_wall_s")},
         "overrides": args.set,
         "runs": [run_gate(g, dense, run_root, args.finetune_steps, args.set, args.variant) for g in args.gates],
     }

@@ -2,7 +2,7 @@
 CPU time (docs/VIDEO.md, "Full vs factorised attention: sample quality at equal wall time"; speed and memory
 alone: benchmarks/video_attention.py).
 
-    PYTHONPATH=src python studies/video_attention_quality.py            # about 25 min on 2 idle cores
+    PYTHONPATH=src python studies/video_attention_quality.py            # ~20 min of training + 3 evaluations, 2 idle cores
     PYTHONPATH=src python studies/video_attention_quality.py --n 500 --steps 1000
 
 Protocol, every stage a user-facing command line printed before it runs:
